@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints them as one stderr line and exits non-zero."""
+
+
+class UserError(Exception):
+    """Something the user can fix (bad path, bad config, bad prompt); never a bug."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, malformed or disagrees with its own metadata."""
+
+
+class TokenizerError(UserError):
+    """A tokenizer file is missing or unsupported."""
