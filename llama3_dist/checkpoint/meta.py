@@ -1,0 +1,143 @@
+"""Meta's format: params.json + consolidated.NN.pth model-parallel shards, read through mmap.
+
+Shard k of an MP=N checkpoint holds rows k of the column-parallel weights (wq wk wv w1 w3 output,
+tok_embeddings) and columns k of the row-parallel ones (wo w2); norms are in every shard. Any
+slice a rank asks for is cut from the overlapping shards, so MP and TP degrees need not match.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from ..model import ModelArgs, RopeScaling, ffn_hidden_dim
+from .base import Checkpoint, narrow
+
+log = logging.getLogger(__name__)
+
+ROW_PARALLEL = re.compile(r"\.(wo|w2)\.weight$")
+REPLICATED = re.compile(r"norm\.weight$")
+IGNORED = {"rope.freqs"}  # Llama 2 checkpoints carry precomputed rotary frequencies
+
+
+def params_to_args(params: dict, has_output: bool) -> ModelArgs:
+    """params.json -> ModelArgs, with Meta's FFN width rule and optional Llama 3.1 rope scaling."""
+    try:
+        dim, n_heads = int(params["dim"]), int(params["n_heads"])
+        scaling = None
+        if params.get("use_scaled_rope", False):
+            scaling = RopeScaling(
+                factor=float(params.get("rope_scaling_factor", 8.0)),
+                low_freq_factor=float(params.get("rope_low_freq_factor", 1.0)),
+                high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(params.get("rope_original_max_position_embeddings", 8192)),
+            )
+        return ModelArgs(
+            dim=dim,
+            n_layers=int(params["n_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+            vocab_size=int(params["vocab_size"]),
+            hidden_dim=ffn_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            rope_theta=float(params.get("rope_theta", 500000.0)),
+            rope_scaling=scaling,
+            tie_embeddings=not has_output,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"params.json: missing or invalid field {e}; expected Meta's keys "
+                              f"(dim, n_layers, n_heads, n_kv_heads, vocab_size, ...)") from None
+
+
+class MetaCheckpoint(Checkpoint):
+    """A Meta checkpoint directory; shards are mmap'd on first use, tensors copied only when read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            params = json.loads((path / "params.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path / 'params.json'}: cannot parse ({e})") from None
+        self.files = sorted(path.glob("consolidated.*.pth"))
+        if not self.files:
+            raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shard files")
+        for i, f in enumerate(self.files):
+            if f.name != f"consolidated.{i:02d}.pth":
+                raise CheckpointError(f"{path}: shard consolidated.{i:02d}.pth is missing "
+                                      f"(found {', '.join(x.name for x in self.files)})")
+        self._shards: list[dict[str, Tensor] | None] = [None] * len(self.files)
+        if params.get("vocab_size", -1) <= 0:  # Llama 2 style: take it from the embedding
+            params["vocab_size"] = self._shard(0)["tok_embeddings.weight"].shape[0] * len(self.files)
+        self.args = params_to_args(params, "output.weight" in self._shard(0))
+        self._layouts: dict[str, tuple[int | None, tuple[int, ...]]] = {}
+
+    def _shard(self, i: int) -> dict[str, Tensor]:
+        if self._shards[i] is None:
+            f = self.files[i]
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                raise CheckpointError(f"refusing to load {f}: it holds pickled Python objects, not only tensors "
+                                      f"(torch.load weights_only=True); re-save it as a plain state dict") from None
+            except (RuntimeError, OSError, EOFError, ValueError) as e:
+                raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]} "
+                                      f"(the file is truncated or corrupt; copy it again)") from None
+            if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+                raise CheckpointError(f"{f}: expected a dict of tensors (a Meta state dict)")
+            self._shards[i] = {k: v for k, v in sd.items() if k not in IGNORED}
+        return self._shards[i]
+
+    def _layout(self, name: str) -> tuple[int | None, tuple[int, ...]]:
+        """(split dim or None if replicated, full shape) of a tensor across the shards."""
+        if name not in self._layouts:
+            shards = [self._shard(i) for i in range(len(self.files))]
+            if any(name not in s for s in shards):
+                raise CheckpointError(f"{self.path}: {name} is missing from some shards")
+            shape = tuple(shards[0][name].shape)
+            if any(tuple(s[name].shape) != shape for s in shards):
+                raise CheckpointError(f"{self.path}: {name} has different shapes in different shards")
+            mp = len(shards)
+            if mp == 1 or REPLICATED.search(name):
+                split = None
+            elif ROW_PARALLEL.search(name):
+                split = 1
+            elif name == "tok_embeddings.weight" and shape[0] == self.args.vocab_size:
+                split = 1  # Llama 2's ParallelEmbedding splits the embedding dim
+            else:
+                split = 0
+            full = shape if split is None else shape[:split] + (shape[split] * mp,) + shape[split + 1:]
+            self._layouts[name] = (split, full)
+        return self._layouts[name]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: self._layout(name)[1] for name in self._shard(0)}
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        split, full = self._layout(name)
+        if split is None:
+            return narrow(self._shard(0)[name], dim, start, stop)
+        stop = full[dim] if dim is not None and stop is None else stop
+        if dim != split:  # cut the same slice from every shard, then join the shards
+            parts = [narrow(self._shard(i)[name], dim, start, stop) for i in range(len(self.files))]
+            return torch.cat(parts, dim=split)
+        size = full[split] // len(self.files)
+        parts = []
+        for i in range(start // size, (stop - 1) // size + 1):  # only the shards that overlap
+            lo = i * size
+            parts.append(narrow(self._shard(i)[name], dim, max(start, lo) - lo, min(stop, lo + size) - lo))
+        return torch.cat(parts, dim=split) if len(parts) > 1 else parts[0]
+
+    def tokenizer(self):
+        from ..tokenizer import default_llama3_tokenizer_path, llama3_tokenizer
+        local = self.path / "tokenizer.model"
+        if local.is_file():
+            return llama3_tokenizer(local)
+        log.info("no tokenizer.model next to %s: using the Llama 3 tokenizer from llama-models", self.path)
+        return llama3_tokenizer(default_llama3_tokenizer_path())
+

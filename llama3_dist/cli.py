@@ -1,0 +1,167 @@
+"""`llama3-dist generate`: argparse, config, distributed setup, and the only place that prints.
+
+Results go to stdout on rank 0 only; diagnostics go to stderr; a user error is one stderr line
+and exit code 2 on every rank that hits it, never a traceback or a hang.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from .config import Config, load_config
+from .errors import UserError
+
+log = logging.getLogger("llama3_dist")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# CLI flag -> config key; a flag is sugar for --set and is applied after the --set list.
+FLAG_KEYS = {
+    "checkpoint": "model.checkpoint", "tokenizer": "model.tokenizer",
+    "max_new_tokens": "generate.max_new_tokens", "temperature": "generate.temperature",
+    "top_p": "generate.top_p", "top_k": "generate.top_k", "seed": "generate.seed",
+    "dtype": "runtime.dtype",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama3-dist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from one or more prompts")
+    g.add_argument("--config", help="YAML config (see configs/)")
+    g.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
+    g.add_argument("--tokenizer", help="tokenizer override: tokenizer.model, an HF dir or a .gguf")
+    g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int, help="0 = off")
+    g.add_argument("--seed", type=int, help="makes sampling reproducible")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    g.add_argument("--dtype", choices=sorted(DTYPES))
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. parallel.tensor=2 (repeatable)")
+    g.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """YAML <- --set <- explicit flags."""
+    sets = list(args.set)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            sets.append(f"{key}={json.dumps(value)}")
+    if args.chat:
+        sets.append("generate.chat=true")
+    return load_config(args.config, sets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        return run_generate(args)
+    except UserError as e:
+        tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"error: {tag}{e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def set_threads(threads: int | None) -> None:
+    """Give each rank its share of the cores so ranks on one host do not oversubscribe them."""
+    if threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local == 1:
+            return
+        threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import default_checkpoint, load_model, open_checkpoint, open_tokenizer
+    from .generate import SamplingParams, check_prompts, generate
+    from .log import setup_logging
+    from .parallel.mesh import init_distributed
+    from .parallel.pipeline import stage_layer_ids
+
+    cfg = config_from_args(args)
+    mesh = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.backend,
+                            cfg.runtime.device, cfg.runtime.timeout_s)
+    setup_logging(mesh.rank, args.verbose)
+    set_threads(cfg.runtime.threads)
+    ckpt = open_checkpoint(cfg.model.checkpoint or default_checkpoint())
+    tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
+    if tok.n_words > ckpt.args.vocab_size:
+        raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
+                        f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint")
+    texts = args.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
+    if not texts:
+        raise UserError("no prompt given: pass --prompt TEXT (repeatable) or pipe text on stdin")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise UserError(f"prompt {i} is empty: give some text with --prompt")
+    gen = cfg.generate
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) if gen.chat else tok.encode(t) for t in texts]
+    check_prompts(prompts, gen.max_new_tokens, cfg.runtime.max_seq_len, cfg.runtime.max_batch_size)
+
+    layer_ids = stage_layer_ids(ckpt.args, cfg.parallel, mesh)
+    log.info("loading %s (%s, %d layers%s) as %s", ckpt.path, type(ckpt).__name__.removesuffix("Checkpoint"),
+             ckpt.args.n_layers, f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",
+             cfg.runtime.dtype)
+    model = load_model(ckpt, mesh, DTYPES[cfg.runtime.dtype], layer_ids)
+    params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.seed)
+    stream = mesh.is_rank0 and not args.json and len(prompts) == 1
+    printer = StreamPrinter(tok) if stream else None
+    if stream and not gen.chat:
+        print(texts[0], end="", flush=True)
+    results = generate(model, mesh, prompts, params, tok.stop_ids, printer)
+    if mesh.is_rank0:
+        report(args, texts, results, tok, printer)
+    return 0
+
+
+class StreamPrinter:
+    """Prints tokens of row 0 as they arrive, holding back bytes of an unfinished UTF-8 character."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, row: int, token: int) -> None:
+        text = self.decoder.decode(self.tok.decode_bytes([token]))
+        if text:
+            print(text, end="", flush=True)
+
+    def close(self) -> None:
+        print(self.decoder.decode(b"", final=True), flush=True)
+
+
+def report(args, texts, results, tok, printer: StreamPrinter | None) -> None:
+    """Rank 0's output: JSON lines, the end of a stream, or each completion in turn."""
+    if args.json:
+        for text, r in zip(texts, results):
+            print(json.dumps({"prompt": text, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens,
+                              "text": tok.decode(r.tokens), "finish_reason": r.finish_reason,
+                              "prefill_ms": round(r.prefill_ms, 3),
+                              "decode_tokens_per_s": round(r.decode_tokens_per_s, 3)}), flush=True)
+        return
+    if printer is not None:
+        printer.close()
+    else:
+        for i, (text, r) in enumerate(zip(texts, results)):
+            print(f"--- [{i}] {text}" if not args.chat else f"--- [{i}] user: {text}")
+            print(tok.decode(r.tokens), flush=True)
+    n_prompt = sum(len(r.prompt_tokens) for r in results)
+    n_gen = sum(len(r.tokens) for r in results)
+    r = results[0]
+    print(f"[{n_prompt} prompt tokens, {n_gen} generated, prefill {r.prefill_ms:.1f} ms, "
+          f"decode {r.decode_tokens_per_s * len(results):.1f} tok/s]", file=sys.stderr, flush=True)

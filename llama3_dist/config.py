@@ -1,0 +1,173 @@
+"""Typed run configuration: one dataclass per YAML section, dotted `--set` overrides, strict validation."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A config value or key is wrong; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    checkpoint: str | None = None  # Meta dir, HF dir or .gguf file; None: the embedded SmolLM2-135M
+    tokenizer: str | None = None  # override: tokenizer.model, an HF dir or a .gguf
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    microbatches: int = 1
+    stage_layers: list[int] | None = None  # layers per stage; None: balance by weight bytes
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
+class RuntimeConfig:
+    dtype: str = "float32"  # float32 | bfloat16
+    device: str = "cpu"  # cpu | cuda
+    max_seq_len: int = 2048
+    max_batch_size: int = 8
+    threads: int | None = None  # torch threads per rank; None: cores / local ranks
+    timeout_s: float = 120.0  # collective timeout: a hung peer fails the job instead of hanging it
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None
+    chat: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def validate(self) -> "Config":
+        """Check every value and cross-field rule; raise ConfigError naming the key."""
+        p, r, g = self.parallel, self.runtime, self.generate
+        for key, value in (("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
+                           ("parallel.microbatches", p.microbatches), ("runtime.max_seq_len", r.max_seq_len),
+                           ("runtime.max_batch_size", r.max_batch_size), ("generate.max_new_tokens", g.max_new_tokens)):
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+        _choice("runtime.dtype", r.dtype, ("float32", "bfloat16"))
+        _choice("runtime.device", r.device, ("cpu", "cuda"))
+        if p.backend == "nccl" and r.device != "cuda":
+            raise ConfigError("parallel.backend: nccl needs runtime.device=cuda; use gloo on CPU")
+        if r.threads is not None and r.threads < 1:
+            raise ConfigError(f"runtime.threads: must be >= 1, got {r.threads}")
+        if r.timeout_s <= 0:
+            raise ConfigError(f"runtime.timeout_s: must be > 0, got {r.timeout_s}")
+        if g.temperature < 0:
+            raise ConfigError(f"generate.temperature: must be >= 0, got {g.temperature}")
+        if not 0 < g.top_p <= 1:
+            raise ConfigError(f"generate.top_p: must be in (0, 1], got {g.top_p}")
+        if g.top_k < 0:
+            raise ConfigError(f"generate.top_k: must be >= 0 (0 disables it), got {g.top_k}")
+        if p.stage_layers is not None:
+            if len(p.stage_layers) != p.pipeline:
+                raise ConfigError(f"parallel.stage_layers: needs one entry per stage ({p.pipeline}), "
+                                  f"got {len(p.stage_layers)}")
+            if any(n < 1 for n in p.stage_layers):
+                raise ConfigError(f"parallel.stage_layers: every stage needs >= 1 layer, got {p.stage_layers}")
+        return self
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (model, parallel, ...)")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                _section(cfg, section)
+                raise ConfigError(f"{section}: must be a mapping of keys, got {values!r}")
+            for key, value in values.items():
+                set_key(cfg, f"{section}.{key}", value)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item}: expected dotted.key=value, e.g. parallel.tensor=2")
+        set_key(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return cfg.validate()
+
+
+def _section(cfg: Config, name: str):
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if name not in names:
+        raise ConfigError(f"{name}: unknown section{_suggest(name, names)}; sections: {', '.join(names)}")
+    return getattr(cfg, name)
+
+
+def _suggest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def set_key(cfg: Config, dotted: str, value) -> None:
+    """Set cfg.section.key = value after checking the key exists and the value has its type."""
+    section_name, _, key = dotted.partition(".")
+    section = _section(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        full = [f"{section_name}.{k}" for k in fields]
+        raise ConfigError(f"{dotted}: unknown key{_suggest(dotted, full)}")
+    hint = typing.get_type_hints(type(section))[key]
+    setattr(section, key, _coerce(dotted, value, hint))
+
+
+def _coerce(key: str, value, hint):
+    """Check value against a field's type hint (int, float, str, bool, optional, list[int])."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, typing.get_args(hint)[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,0 +1,133 @@
+"""Batched KV-cache generation: prefill once, then decode one token per step. Returns data, never prints.
+
+Prompts of different lengths share one batch: they are right-padded for the prefill and each row
+then decodes at its own position, so a row gives the tokens it would give alone. One rank samples
+(tp-rank 0 of the last stage) and broadcasts, so every rank feeds the same tokens next step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+from .model import Transformer
+from .parallel.comm import broadcast
+from .parallel.mesh import Mesh
+
+
+class GenerationError(UserError):
+    """A prompt or a generation setting cannot be served."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.9
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    prompt_tokens: list[int]
+    tokens: list[int]  # generated ids, stop token excluded
+    finish_reason: str  # "stop" | "length"
+    prefill_ms: float
+    decode_tokens_per_s: float
+
+
+def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int, max_batch_size: int) -> None:
+    """Reject empty prompts, too many prompts and prompts that cannot fit max_seq_len."""
+    if not prompts:
+        raise GenerationError("no prompt given: pass --prompt TEXT (repeatable)")
+    if len(prompts) > max_batch_size:
+        raise GenerationError(f"{len(prompts)} prompts exceed runtime.max_batch_size={max_batch_size}; "
+                              f"raise it with --set runtime.max_batch_size={len(prompts)}")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise GenerationError(f"prompt {i} is empty: give some text")
+        if len(p) + max_new_tokens > max_seq_len:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                f"runtime.max_seq_len={max_seq_len}; shorten it, lower --max-new-tokens or "
+                f"--set runtime.max_seq_len={len(p) + max_new_tokens}")
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """Next token per row from float logits (B, V): greedy at temperature 0, else top-k then top-p."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_k:
+        kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+class Sampler:
+    """Runs one forward step on every rank and returns the sampled tokens, identical on all ranks."""
+
+    def __init__(self, model: Transformer, mesh: Mesh, params: SamplingParams):
+        self.model, self.mesh, self.params = model, mesh, params
+        self.generator = None
+        if mesh.rank == mesh.sampler_rank and params.seed is not None:
+            self.generator = torch.Generator(device=mesh.device).manual_seed(params.seed)
+
+    def __call__(self, tokens: Tensor, pos: Tensor, last: Tensor | None = None) -> Tensor:
+        logits = self.model(tokens, pos, last)
+        if self.mesh.rank == self.mesh.sampler_rank:
+            nxt = sample(logits[:, -1], self.params, self.generator)
+        else:
+            nxt = torch.empty(tokens.shape[0], dtype=torch.long, device=self.mesh.device)
+        return broadcast(nxt, self.mesh.sampler_rank)  # (B,)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, mesh: Mesh, prompts: list[list[int]], params: SamplingParams,
+             stop_ids: frozenset[int], on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
+    """Complete every prompt; on_token(row, token_id) is called as each kept token is produced."""
+    device = mesh.device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    B, T = len(prompts), int(lens.max())
+    model.setup_caches(B, T + params.max_new_tokens)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    step = Sampler(model, mesh, params)
+
+    start = time.perf_counter()
+    nxt = step(tokens, torch.arange(T, device=device).expand(B, T), last=lens - 1)
+    prefill_s = time.perf_counter() - start
+
+    out: list[list[int]] = [[] for _ in prompts]
+    reason: list[str | None] = [None] * B
+    decode_start = time.perf_counter()
+    for i in range(params.max_new_tokens):
+        for b, tok in enumerate(nxt.tolist()):
+            if reason[b] is not None:
+                continue
+            if tok in stop_ids:
+                reason[b] = "stop"
+                continue
+            out[b].append(tok)
+            if on_token is not None:
+                on_token(b, tok)
+            if len(out[b]) == params.max_new_tokens:
+                reason[b] = "length"
+        if all(r is not None for r in reason):
+            break
+        nxt = step(nxt.unsqueeze(1), (lens + i).unsqueeze(1))  # each row at its own position
+    decode_s = time.perf_counter() - decode_start
+    steps = i  # decode forward passes run after the prefill
+    rate = steps / decode_s if steps and decode_s > 0 else 0.0
+    return [Completion(p, o, r or "length", prefill_s * 1e3, rate) for p, o, r in zip(prompts, out, reason)]

@@ -1,0 +1,238 @@
+"""Llama 3 for one pipeline stage: RMSNorm, complex rotary embeddings, GQA with a KV cache, SwiGLU.
+
+Parallelism enters only through the layer classes (ColumnParallelLinear & co.) and the Mesh;
+with a one-rank mesh they are plain dense layers. Parameter names are Meta's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .parallel.comm import Group
+from .parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                              VocabParallelHead, head_spans)
+from .parallel.mesh import Mesh
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1-style frequency scaling (factor 8 for 3.1, 32 for 3.2), read from the checkpoint."""
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The architecture, as every checkpoint format describes it."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # GGUF's rope_freqs: freq_i / factor_i
+    tie_embeddings: bool = False
+    head_dim: int | None = None
+    max_position_embeddings: int | None = None
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's SwiGLU width: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """theta^(-2i/d) for i < d/2, with Llama 3.1 scaling or GGUF per-frequency factors applied."""
+    d = args.hd
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+    if args.rope_freq_factors is not None:
+        return freqs / torch.tensor(args.rope_freq_factors, dtype=torch.float32)
+    s = args.rope_scaling
+    if s is None:
+        return freqs
+    # Long wavelengths are slowed by `factor`, short ones kept, and the band between is blended.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / s.factor, freqs)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(in_band, blended, scaled)
+
+
+def precompute_freqs_cis(args: ModelArgs, end: int) -> Tensor:
+    """e^(i * pos * freq) for every position < end: (end, head_dim // 2) complex64."""
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), rope_frequencies(args))
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate each (even, odd) pair of x as a complex number. x: (B, T, H, hd); freqs_cis: (B, T, hd/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, hd/2)
+    out = torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(3)
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of this rank's KV heads: (B, n_local_kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        shape = (batch, n_kv_heads, seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, hd) at positions pos (B, T); return the first `length` cached positions."""
+        b = torch.arange(k.shape[0], device=pos.device).unsqueeze(1)  # (B, 1)
+        self.k[b, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
+        self.v[b, :, pos] = v.transpose(1, 2)
+        return self.k[: k.shape[0], :, :length], self.v[: k.shape[0], :, :length]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over this rank's query heads and the KV heads they read."""
+
+    def __init__(self, args: ModelArgs, group: Group):
+        super().__init__()
+        (q0, q1), (kv0, kv1) = head_spans(args.n_heads, args.n_kv_heads, group.rank, group.size)
+        hd = args.hd
+        self.head_dim, self.n_local_heads, self.n_local_kv_heads = hd, q1 - q0, kv1 - kv0
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * hd, group, (q0 * hd, q1 * hd))
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * hd, group, (kv0 * hd, kv1 * hd))
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * hd, group, (kv0 * hd, kv1 * hd))
+        self.wo = RowParallelLinear(args.n_heads * hd, args.dim, group, (q0 * hd, q1 * hd))
+        self.cache: KVCache | None = None
+
+    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)  # (B, T, n_local_heads, hd)
+        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, n_local_kv_heads, hd)
+        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
+        k, v = self.cache.update(pos, k, v, mask.shape[-1])  # (B, n_local_kv_heads, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
+        return self.wo(y)  # row-parallel: one all-reduce
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), hidden features split across ranks."""
+
+    def __init__(self, dim: int, hidden_dim: int, group: Group):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, group)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, group)
+        self.w2 = RowParallelLinear(hidden_dim, dim, group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, args: ModelArgs, group: Group):
+        super().__init__()
+        self.attention = Attention(args, group)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, group)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The layers `layer_ids` of Llama 3, plus the embedding on the first stage and norm + head on the last."""
+
+    def __init__(self, args: ModelArgs, mesh: Mesh, layer_ids: range | None = None):
+        super().__init__()
+        self.args, self.mesh = args, mesh
+        self.layer_ids = range(args.n_layers) if layer_ids is None else layer_ids
+        group = mesh.tp
+        if mesh.is_pp_first_stage:
+            self.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, group)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, group) for i in self.layer_ids})
+        if mesh.is_pp_last_stage:
+            self.norm = RMSNorm(args.dim, args.norm_eps)
+            self.output = VocabParallelHead(args.dim, args.vocab_size, group)
+        self.freqs_cis: Tensor | None = None
+
+    def setup_caches(self, batch: int, seq_len: int) -> None:
+        """Allocate every layer's KV cache for `batch` sequences of up to `seq_len` tokens."""
+        dtype, device = self.dtype, self.device
+        for block in self.layers.values():
+            attn = block.attention
+            c = attn.cache
+            if c is None or c.k.shape[0] < batch or c.k.shape[2] < seq_len or c.k.dtype != dtype:
+                attn.cache = KVCache(batch, attn.n_local_kv_heads, seq_len, attn.head_dim, dtype, device)
+        if self.freqs_cis is None or self.freqs_cis.shape[0] < seq_len:
+            self.freqs_cis = precompute_freqs_cis(self.args, seq_len).to(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, x: Tensor, pos: Tensor, last: Tensor | None = None) -> Tensor:
+        """Tokens (B, T) on the first stage, else hidden states (B, T, dim), at positions pos (B, T).
+
+        Returns the last stage's float32 logits, (B, T, vocab), or (B, 1, vocab) at the indices
+        `last` (B,) when given; other stages return hidden states (B, T, dim) for the next stage.
+        """
+        if self.mesh.is_pp_first_stage:
+            x = self.tok_embeddings(x)  # (B, T, dim)
+        length = int(pos.max()) + 1
+        # Query at position p sees cached keys at positions <= p; the pad rows of a ragged batch
+        # are never read, because a row's own next token overwrites them before its mask reaches them.
+        mask = torch.arange(length, device=pos.device) <= pos.unsqueeze(-1)  # (B, T, S)
+        mask = mask.unsqueeze(1)  # (B, 1, T, S): same for every head
+        freqs_cis = self.freqs_cis[pos]  # (B, T, hd/2)
+        for layer in self.layers.values():
+            x = layer(x, pos, freqs_cis, mask)
+        if not self.mesh.is_pp_last_stage:
+            return x
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last].unsqueeze(1)  # (B, 1, dim)
+        return self.output(self.norm(x)).float()

@@ -1,0 +1,1 @@
+"""Process groups, collectives and the tensor-/pipeline-parallel layers built on them."""

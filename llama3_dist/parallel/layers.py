@@ -1,0 +1,117 @@
+"""Column-, row- and vocab-parallel layers, hand-written over `comm` (Megatron's names and split rules).
+
+Each layer owns one contiguous slice of its full weight, recorded as `shard = (dim, start, stop)`
+so a loader can read exactly that slice from disk. With a group of size 1 every layer is the
+plain dense layer, so one model.py serves every layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .comm import Group, all_gather, all_reduce
+
+Span = tuple[int, int]
+
+
+def even_split(n: int, parts: int) -> list[Span]:
+    """Split range(n) into `parts` contiguous spans; the first n % parts spans get one more."""
+    base, extra = divmod(n, parts)
+    spans, start = [], 0
+    for p in range(parts):
+        stop = start + base + (p < extra)
+        spans.append((start, stop))
+        start = stop
+    return spans
+
+
+def shard(full: Tensor, dim: int, rank: int, size: int) -> Tensor:
+    """This rank's contiguous slice of `full` along dim (uneven splits allowed)."""
+    start, stop = even_split(full.shape[dim], size)[rank]
+    return full.narrow(dim, start, stop - start)
+
+
+def head_spans(n_heads: int, n_kv_heads: int, rank: int, size: int) -> tuple[Span, Span]:
+    """(query-head span, kv-head span) owned by `rank` of a tensor-parallel group of `size`.
+
+    size <= n_kv_heads: split the KV heads (unevenly if needed); each rank takes the query heads
+    of its KV heads, so no KV head is stored twice. size > n_kv_heads: spread the ranks over the
+    KV groups; ranks sharing a KV group split its query heads and each keeps a copy of that KV head.
+    Either way a rank's local query head i reads local KV head i // (n_local_q // n_local_kv).
+    """
+    group = n_heads // n_kv_heads
+    if size <= n_kv_heads:
+        kv0, kv1 = even_split(n_kv_heads, size)[rank]
+        return (kv0 * group, kv1 * group), (kv0, kv1)
+    for kv, (r0, r1) in enumerate(even_split(size, n_kv_heads)):
+        if r0 <= rank < r1:
+            q0, q1 = even_split(group, r1 - r0)[rank - r0]
+            return (kv * group + q0, kv * group + q1), (kv, kv + 1)
+    raise AssertionError("unreachable: rank outside the group")
+
+
+def _empty(rows: int, cols: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(rows, cols), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x @ W[rows_r].T: output features split across ranks, input replicated; no communication."""
+
+    def __init__(self, in_features: int, out_features: int, group: Group, rows: Span | None = None):
+        super().__init__()
+        start, stop = rows or even_split(out_features, group.size)[group.rank]
+        self.full_shape = (out_features, in_features)
+        self.shard = (0, start, stop)
+        self.weight = _empty(stop - start, in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r @ W[:, cols_r].T: input features split, output all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, group: Group, cols: Span | None = None):
+        super().__init__()
+        start, stop = cols or even_split(in_features, group.size)[group.rank]
+        self.group = group
+        self.full_shape = (out_features, in_features)
+        self.shard = (1, start, stop)
+        self.weight = _empty(out_features, stop - start)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return all_reduce(F.linear(x, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split: mask ids outside this rank's rows, look up, zero, all-reduce."""
+
+    def __init__(self, vocab_size: int, dim: int, group: Group):
+        super().__init__()
+        start, stop = even_split(vocab_size, group.size)[group.rank]
+        self.group = group
+        self.full_shape = (vocab_size, dim)
+        self.shard = (0, start, stop)
+        self.weight = _empty(stop - start, dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if self.group.size == 1:
+            return F.embedding(tokens, self.weight)
+        _, start, stop = self.shard
+        outside = (tokens < start) | (tokens >= stop)
+        x = F.embedding((tokens - start).masked_fill(outside, 0), self.weight)
+        x.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return all_reduce(x, self.group)
+
+
+class VocabParallelHead(ColumnParallelLinear):
+    """Output head: this rank's vocab slice of the logits, all-gathered into full-vocab logits."""
+
+    def __init__(self, dim: int, vocab_size: int, group: Group):
+        super().__init__(dim, vocab_size, group)
+        self.group = group
+        self.sizes = [b - a for a, b in even_split(vocab_size, group.size)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return all_gather(F.linear(x, self.weight), self.group, self.sizes, dim=-1)
