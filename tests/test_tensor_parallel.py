@@ -1,0 +1,76 @@
+"""Tensor parallelism on real gloo ranks: every degree gives TP=1's logits and greedy tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import random_model, tiny_config, write_gguf, write_hf, write_meta
+from distributed import run_ranks
+
+from llama3_dist.checkpoint import load_model, open_checkpoint
+from llama3_dist.generate import SamplingParams, generate
+from llama3_dist.parallel.mesh import Mesh
+
+TOL = 1e-4
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
+BATCH = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46, 26, 43, 38]]
+
+
+def logits_and_tokens(mesh: Mesh, path: str, batch=BATCH, params=GREEDY):
+    """This rank's full-vocab logits for the first prompt, and the greedy completions of the batch."""
+    model = load_model(open_checkpoint(path), mesh, torch.float32)
+    tokens = torch.tensor([batch[0]])
+    model.setup_caches(1, tokens.shape[1])
+    with torch.inference_mode():
+        logits = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0))
+    done = generate(model, mesh, batch, params, frozenset())
+    return logits, [c.tokens for c in done]
+
+
+def check_all_degrees(path, degrees=(2, 3, 4), batch=BATCH, params=GREEDY):
+    want_logits, want_tokens = logits_and_tokens(Mesh.single(), str(path), batch, params)
+    for tp in degrees:
+        for rank, (logits, tokens) in enumerate(run_ranks(logits_and_tokens, tp, str(path), batch, params)):
+            assert (logits - want_logits).abs().max().item() <= TOL, (tp, rank)
+            assert tokens == want_tokens, (tp, rank)
+    return want_tokens
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (9, 3)])
+def test_every_tp_degree_matches_tp1(tmp_path, heads):
+    n_heads, n_kv = heads
+    hf = random_model(tiny_config(hidden_size=8 * n_heads, num_attention_heads=n_heads,
+                                  num_key_value_heads=n_kv, intermediate_size=200, vocab_size=250), seed=21)
+    check_all_degrees(write_hf(hf, tmp_path / "hf"))
+
+
+def test_meta_mp2_checkpoint_loads_at_tp1_2_4(tmp_path):
+    hf = random_model(tiny_config(), seed=22)
+    tokens = check_all_degrees(write_meta(hf, tmp_path / "meta", mp=2), degrees=(2, 4))
+    single = logits_and_tokens(Mesh.single(), str(write_meta(hf, tmp_path / "meta1")))[1]
+    assert tokens == single
+
+
+def test_quantized_gguf_at_tp2_and_tp3(tmp_path):
+    hf = random_model(tiny_config(), seed=23)
+    check_all_degrees(write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0"), degrees=(2, 3))
+
+
+def test_ranks_agree_on_sampled_tokens(tmp_path):
+    path = write_meta(random_model(tiny_config(), seed=24), tmp_path / "meta")
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    results = run_ranks(logits_and_tokens, 2, str(path), BATCH, params)
+    assert results[0][1] == results[1][1]
+    assert results[0][1] == logits_and_tokens(Mesh.single(), str(path), BATCH, params)[1]
+
+
+def smollm2_tokens(mesh: Mesh, path: str, prompts: list[list[int]]):
+    model = load_model(open_checkpoint(path), mesh, torch.float32)
+    return [c.tokens for c in generate(model, mesh, prompts, SamplingParams(16, temperature=0.0), frozenset())]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_real_smollm2_at_tp_matches_tp1(smollm2_gguf, tp):
+    prompts = [[504, 3575, 282, 4649, 314], [1248, 253, 1345, 1112, 288, 4238, 30]]
+    want = smollm2_tokens(Mesh.single(), str(smollm2_gguf), prompts)
+    for got in run_ranks(smollm2_tokens, tp, str(smollm2_gguf), prompts):
+        assert got == want
