@@ -21,8 +21,13 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Detect the format of `path` (Meta dir, HF dir or .gguf file) and read its metadata."""
-    p = Path(path).expanduser()
+    """Detect the format of `path` (Meta dir, HF dir or .gguf file), read its metadata, check its shapes."""
+    ckpt = _open(Path(path).expanduser(), path)
+    check_shapes(ckpt)
+    return ckpt
+
+
+def _open(p: Path, path: str | Path) -> Checkpoint:
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {path} (give a Meta dir, a Hugging Face dir or a .gguf file)")
     if p.is_file():
@@ -47,7 +52,6 @@ def is_gguf(path: Path) -> bool:
 def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: range | None = None) -> Transformer:
     """This rank's stage of the model, each parameter read from `ckpt` as exactly the slice it owns."""
     args = ckpt.args
-    check_shapes(ckpt)
     with torch.device("meta"):
         model = Transformer(args, mesh, layer_ids)
     tied = {}

@@ -75,7 +75,21 @@ class MetaCheckpoint(Checkpoint):
         if params.get("vocab_size", -1) <= 0:  # Llama 2 style: take it from the embedding
             params["vocab_size"] = self._shard(0)["tok_embeddings.weight"].shape[0] * len(self.files)
         self.args = params_to_args(params, "output.weight" in self._shard(0))
+        self._check_shard_count()
         self._layouts: dict[str, tuple[int | None, tuple[int, ...]]] = {}
+
+    def _check_shard_count(self) -> None:
+        """Shards carry no count, so infer it from the embedding: a missing last shard shows there."""
+        emb = self._shard(0).get("tok_embeddings.weight")
+        if emb is None or emb.dim() != 2:
+            return
+        rows, cols = emb.shape
+        implied = max(self.args.vocab_size // rows if self.args.vocab_size % rows == 0 else 1,
+                      self.args.dim // cols if self.args.dim % cols == 0 else 1)
+        if implied > len(self.files):
+            missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(len(self.files), implied))
+            raise CheckpointError(f"{self.path}: the tensors are 1/{implied} of the model but only "
+                                  f"{len(self.files)} shard(s) are here; missing {missing}")
 
     def _shard(self, i: int) -> dict[str, Tensor]:
         if self._shards[i] is None:
