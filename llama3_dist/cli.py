@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. parallel.tensor=2 (repeatable)")
     g.add_argument("-v", "--verbose", action="store_true")
+    w = sub.add_parser("world-size", help="print the number of ranks a config needs (tensor x pipeline)")
+    w.add_argument("--config")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     return parser
 
 
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
+        if args.command == "world-size":
+            cfg = load_config(args.config, args.set)
+            print(cfg.parallel.tensor * cfg.parallel.pipeline)
+            return 0
         return run_generate(args)
     except UserError as e:
         tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""

@@ -32,8 +32,12 @@ def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, i
 
 
 def run_ranks(fn, world_size: int, *args, tensor: int | None = None, pipeline: int = 1,
-              timeout: float = TIMEOUT_S) -> list:
-    """fn(mesh, *args) on `world_size` gloo ranks (tensor x pipeline); returns each rank's result."""
+              timeout: float = TIMEOUT_S, outcomes: bool = False) -> list:
+    """fn(mesh, *args) on `world_size` gloo ranks (tensor x pipeline); returns each rank's result.
+
+    By default the first failing rank's traceback is raised at once. With outcomes=True every rank
+    is waited for and (ok, result-or-traceback, seconds) is returned per rank instead.
+    """
     tensor = world_size // pipeline if tensor is None else tensor
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "llama3_dist.model"])
@@ -45,17 +49,20 @@ def run_ranks(fn, world_size: int, *args, tensor: int | None = None, pipeline: i
         for p in procs:
             p.start()
         out: dict[int, object] = {}
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
         try:
             while len(out) < world_size:
                 try:
-                    rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                    rank, ok, value = results.get(timeout=max(0.1, start + timeout - time.monotonic()))
                 except queue.Empty:
                     raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(out))} did not finish "
                                        f"within {timeout:.0f} s") from None
-                if not ok:
+                if outcomes:
+                    out[rank] = (ok, value, time.monotonic() - start)
+                elif not ok:
                     raise RuntimeError(f"rank {rank} failed:\n{value}")
-                out[rank] = value
+                else:
+                    out[rank] = value
         finally:
             for p in procs:
                 p.join(timeout=5)

@@ -74,3 +74,28 @@ def test_real_smollm2_at_tp_matches_tp1(smollm2_gguf, tp):
     want = smollm2_tokens(Mesh.single(), str(smollm2_gguf), prompts)
     for got in run_ranks(smollm2_tokens, tp, str(smollm2_gguf), prompts):
         assert got == want
+
+
+def _load_peak_mib(mesh: Mesh, path: str) -> tuple[float, float]:
+    """(peak RSS growth while loading, this rank's parameter MiB): the high-water mark is reset first."""
+    def status(key: str) -> float:
+        line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+        return int(line.split()[1]) / 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = status("VmRSS")
+    model = load_model(open_checkpoint(path), mesh, torch.float32)
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return status("VmHWM") - base, params
+
+
+def test_tp2_loads_about_half_the_memory_per_rank(tmp_path):
+    from llama3_dist.checkpoint.synthetic import write_random_meta
+    params = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 32000,
+              "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0}
+    path = str(write_random_meta(tmp_path / "m", params, dtype=torch.float32))  # ~220 MiB of fp32
+    [(tp1_peak, tp1_params)] = run_ranks(_load_peak_mib, 1, path)
+    for tp2_peak, tp2_params in run_ranks(_load_peak_mib, 2, path):
+        assert tp2_params < 0.55 * tp1_params
+        assert tp2_peak < 0.75 * tp1_peak, (tp2_peak, tp1_peak)

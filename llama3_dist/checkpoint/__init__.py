@@ -66,7 +66,7 @@ def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: rang
         t = ckpt.read(source, *spec) if spec is not None else ckpt.read(source)
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointError(f"{ckpt.path}: {source} slice has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
-        new = nn.Parameter(t.to(device=mesh.device, dtype=dtype, copy=True).contiguous(), requires_grad=False)
+        new = nn.Parameter(t.to(device=mesh.device, dtype=dtype).contiguous(), requires_grad=False)
         setattr(module, leaf, new)
         tied[source] = new
     return model.eval()

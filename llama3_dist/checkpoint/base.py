@@ -1,6 +1,9 @@
 """The Checkpoint interface every format implements, and the tensor shapes an architecture implies."""
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from pathlib import Path
 
 from torch import Tensor
@@ -19,7 +22,11 @@ class Checkpoint:
         raise NotImplementedError
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
-        """Tensor `name`, or only its [start, stop) slice along dim; reads no more than it must."""
+        """Tensor `name`, or only its [start, stop) slice along dim, in memory of its own (no file mapping).
+
+        Reads no more than it must, and drops the file pages it touched from this process, so peak
+        memory while loading stays near the weights themselves.
+        """
         raise NotImplementedError
 
     def tokenizer(self):
@@ -55,3 +62,27 @@ def narrow(t: Tensor, dim: int | None, start: int, stop: int | None) -> Tensor:
         return t
     stop = t.shape[dim] if stop is None else stop
     return t.narrow(dim, start, stop - start)
+
+
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def release_pages(ptr: int, nbytes: int) -> None:
+    """Drop the resident pages of a read-only file mapping [ptr, ptr + nbytes) from this process.
+
+    The pages stay in the page cache and are read again if touched; without this, every mmap'd byte
+    a rank has read counts in its RSS until the whole file is unmapped.
+    """
+    if _libc is None:
+        return
+    page = mmap.PAGESIZE
+    start, end = -(-ptr // page) * page, (ptr + nbytes) // page * page
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def release_tensor(t: Tensor) -> None:
+    """release_pages() over the storage of an mmap-backed tensor."""
+    storage = t.untyped_storage()
+    release_pages(storage.data_ptr(), storage.nbytes())

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..model import ModelArgs
-from .base import Checkpoint
+from .base import Checkpoint, release_pages
 
 SUPPORTED = {GGMLQuantizationType[n] for n in
              ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")}
@@ -111,7 +111,9 @@ class GGUFCheckpoint(Checkpoint):
                 out = dequantize(data[:, start // block * nbytes: stop // block * nbytes], qtype)
             else:
                 out = dequantize(data, qtype)[:, start:stop]
-        return torch.from_numpy(np.array(out, dtype=np.float32))  # a copy: the file stays read-only
+        out = torch.from_numpy(np.array(out, dtype=np.float32))  # a copy: the file stays read-only
+        release_pages(data.ctypes.data, data.nbytes)
+        return out
 
     def tokenizer(self):
         from ..tokenizer import gguf_tokenizer

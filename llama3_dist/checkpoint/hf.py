@@ -2,15 +2,17 @@
 
 HF stores wq/wk rows permuted per head (rotate-half rotary: all real parts, then all imaginary
 parts); Meta interleaves (real, imag) pairs. Reading whole heads and un-permuting within each head
-gives Meta's layout, and a head-aligned slice can be read straight from the file with get_slice.
+gives Meta's layout, so a head-aligned slice is read straight from the file. Files are read with
+plain reads at the slice's offsets, never mapped, so a rank's memory holds only what it owns.
 """
 from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
@@ -74,61 +76,113 @@ def config_to_args(cfg: dict) -> ModelArgs:
         raise CheckpointError(f"config.json: missing or invalid field {e}") from None
 
 
-class HFCheckpoint(Checkpoint):
-    """A Hugging Face model directory; every safetensors file is opened lazily and read by slice."""
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CHUNK_BYTES = 64 << 20  # a column slice is cut from row blocks of about this size
+
+
+class SafetensorsFile:
+    """One .safetensors file read with plain file reads (no mmap): a slice costs only its own bytes."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._files: dict[str, object] = {}  # file name -> open safetensors handle
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: {e} (the file is truncated or not safetensors)") from None
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries = header  # name -> {"dtype", "shape", "data_offsets": [begin, end]}
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.base + end > path.stat().st_size:
+            raise CheckpointError(f"cannot read {path}: it is shorter than its header says "
+                                  f"(the file is truncated; copy it again)")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def _read(self, f, offset: int, nbytes: int) -> Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        f.seek(self.base + offset)
+        if f.readinto(memoryview(buf.numpy())) != nbytes:
+            raise CheckpointError(f"cannot read {self.path}: unexpected end of file (truncated?)")
+        return buf
+
+    def read(self, name: str, dim: int | None, start: int, stop: int | None) -> Tensor:
+        entry = self.entries[name]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: {name} has dtype {entry['dtype']}; only F32, F16 and BF16 "
+                                  f"safetensors are supported")
+        shape, begin = list(entry["shape"]), entry["data_offsets"][0]
+        row = dtype.itemsize * (shape[1] if len(shape) > 1 else 1)
+        with open(self.path, "rb") as f:
+            if dim is None or dim == 0:  # whole rows: one contiguous read
+                stop = shape[0] if stop is None or dim is None else stop
+                start = 0 if dim is None else start
+                return self._read(f, begin + start * row, (stop - start) * row).view(dtype).view(
+                    stop - start, *shape[1:])
+            stop = shape[1] if stop is None else stop
+            out = torch.empty(shape[0], stop - start, dtype=dtype)
+            step = max(1, CHUNK_BYTES // row)
+            for r in range(0, shape[0], step):  # column slice: read row blocks, keep the columns
+                n = min(step, shape[0] - r)
+                block = self._read(f, begin + r * row, n * row).view(dtype).view(n, shape[1])
+                out[r: r + n] = block[:, start:stop]
+            return out
+
+
+class HFCheckpoint(Checkpoint):
+    """A Hugging Face model directory of (sharded) safetensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
         try:
             self.args = config_to_args(json.loads((path / "config.json").read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path / 'config.json'}: cannot parse ({e})") from None
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: cannot parse ({e})") from None
         elif (path / "model.safetensors").is_file():
-            weight_map = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
+            weight_map = None
         else:
             raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                   f"(only safetensors weights are supported)")
-        self._where: dict[str, tuple[str, str]] = {}  # meta name -> (file, hf name)
+        self.files: dict[str, SafetensorsFile] = {}
+        for file in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
+            if not (path / file).is_file():
+                raise CheckpointError(f"{path}: shard {file} listed in the index is missing")
+            self.files[file] = SafetensorsFile(path / file)
+        if weight_map is None:
+            weight_map = {k: "model.safetensors" for k in self.files["model.safetensors"].entries}
+        self._where: dict[str, tuple[SafetensorsFile, str]] = {}  # meta name -> (file, hf name)
         for hf_name, file in weight_map.items():
             name = meta_name(hf_name)
             if name is not None:
-                self._where[name] = (file, hf_name)
-
-    def _open(self, file: str):
-        if file not in self._files:
-            f = self.path / file
-            if not f.is_file():
-                raise CheckpointError(f"{self.path}: shard {file} listed in the index is missing")
-            try:
-                self._files[file] = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"cannot read {f}: {e} (the file is truncated or corrupt)") from None
-        return self._files[file]
+                self._where[name] = (self.files[file], hf_name)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(self._open(f).get_slice(h).get_shape()) for name, (f, h) in self._where.items()}
+        return {name: f.shape(h) for name, (f, h) in self._where.items()}
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
         file, hf_name = self._where[name]
-        sl = self._open(file).get_slice(hf_name)
         heads = self._permuted_heads(name)
+        if not heads:
+            return file.read(hf_name, dim, start, stop)
         hd = self.args.hd
-        if heads and dim is not None and dim != 0:
-            t = self._unpermute(sl[:], heads)
-            stop = t.shape[dim] if stop is None else stop
-            return t.narrow(dim, start, stop - start)
-        if dim is None:
-            t = sl[:]
-        else:
-            stop = sl.get_shape()[dim] if stop is None else stop
-            if heads and (start % hd or stop % hd):
-                raise CheckpointError(f"{name}: slice [{start}, {stop}) is not head-aligned")
-            t = sl[start:stop] if dim == 0 else sl[:, start:stop]
-        return self._unpermute(t, t.shape[0] // hd) if heads else t
+        if dim == 0 and (start % hd or (stop or 0) % hd):
+            raise CheckpointError(f"{name}: slice [{start}, {stop}) is not head-aligned")
+        if dim in (None, 0):  # whole heads: read them, then un-permute within each head
+            t = file.read(hf_name, dim, start, stop)
+            return self._unpermute(t, t.shape[0] // hd)
+        t = self._unpermute(file.read(hf_name, None, 0, None), heads)
+        stop = t.shape[dim] if stop is None else stop
+        return t.narrow(dim, start, stop - start).clone()
 
     def _permuted_heads(self, name: str) -> int:
         """Number of heads if `name` is stored HF-permuted (wq, wk), else 0."""
@@ -146,4 +200,3 @@ class HFCheckpoint(Checkpoint):
     def tokenizer(self):
         from ..tokenizer import hf_tokenizer
         return hf_tokenizer(self.path)
-

@@ -1,0 +1,68 @@
+"""Random-weight checkpoints in Meta's format, for tests, benchmarks and memory planning at real widths."""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+
+import torch
+
+from .base import expected_shapes
+from .meta import params_to_args
+
+# Real Llama 3 architectures (params.json as Meta ships them), for random checkpoints and `plan`.
+PRESETS: dict[str, dict] = {
+    "llama3-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+                  "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0},
+    "llama3-70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
+                   "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0},
+    "llama3.1-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+                    "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "use_scaled_rope": True},
+    "llama3.1-70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
+                     "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
+                     "use_scaled_rope": True},
+    "llama3.1-405b": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "vocab_size": 128256,
+                      "multiple_of": 4096, "ffn_dim_multiplier": 1.2, "norm_eps": 1e-5, "rope_theta": 500000.0,
+                      "use_scaled_rope": True},
+    "llama3.2-1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+                    "multiple_of": 256, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "use_scaled_rope": True, "rope_scaling_factor": 32.0},
+    "llama3.2-3b": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "vocab_size": 128256,
+                    "multiple_of": 256, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "use_scaled_rope": True, "rope_scaling_factor": 32.0},
+}
+ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+
+
+def _random(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, 1/fan_in) matrices and 1 + 0.1 N(0, 1) norms, seeded by (seed, name) so shards agree."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    x = torch.randn(shape, generator=g)
+    x = 1 + 0.1 * x if len(shape) == 1 else x / math.sqrt(shape[1])
+    return x.to(dtype)
+
+
+def write_random_meta(path: str | Path, params: dict, mp: int = 1, seed: int = 0,
+                      dtype: torch.dtype = torch.bfloat16, tied: bool = False) -> Path:
+    """Write params.json and consolidated.00..{mp-1}.pth of random weights, split the way Meta splits them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    args = params_to_args(params, has_output=not tied)
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(mp)]
+    for name, shape in expected_shapes(args).items():
+        full = _random(name, shape, seed, dtype)
+        if len(shape) == 1 or mp == 1:
+            parts = [full] * mp
+        else:
+            dim = 1 if name.endswith(ROW_PARALLEL) else 0
+            if shape[dim] % mp:
+                raise ValueError(f"mp={mp} does not divide {name} {shape} along dim {dim}")
+            parts = full.chunk(mp, dim=dim)
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    for i, shard in enumerate(shards):
+        torch.save(shard, path / f"consolidated.{i:02d}.pth")
+    (path / "params.json").write_text(json.dumps(params, indent=2))
+    return path

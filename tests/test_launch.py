@@ -1,0 +1,110 @@
+"""torchrun and launch/ end to end: same tokens as one process, rank-0-only output, no hang on failure."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from checkpoints import random_model, tiny_config, write_gguf
+from distributed import run_ranks
+
+from llama3_dist.checkpoint import load_model, open_checkpoint
+from llama3_dist.generate import SamplingParams, generate
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["--prompt", "hello there", "--prompt", "x", "--max-new-tokens", "8", "--temperature", "0", "--json"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_gguf(random_model(tiny_config(), seed=41), tmp_path_factory.mktemp("m") / "tiny.gguf")
+
+
+def torchrun(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "llama3_dist", "generate", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 180),
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def tokens_of(stdout: str) -> list[list[int]]:
+    return [json.loads(line)["tokens"] for line in stdout.splitlines()]
+
+
+def single(path) -> list[list[int]]:
+    r = subprocess.run([sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(path), *ARGS],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    return tokens_of(r.stdout)
+
+
+def test_torchrun_tp2_prints_once_and_matches_one_process(tiny):
+    r = torchrun(2, "--checkpoint", str(tiny), "--set", "parallel.tensor=2", *ARGS)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2  # rank 0 only: one JSON line per prompt
+    assert tokens_of(r.stdout) == single(tiny)
+
+
+def test_launch_script_reads_the_rank_count_from_the_config(tiny):
+    r = subprocess.run([str(REPO / "launch" / "run.sh"), str(REPO / "configs" / "smollm2-135m-tp2.yaml"), "--",
+                        "--checkpoint", str(tiny), *ARGS], capture_output=True, text=True, timeout=180,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    assert tokens_of(r.stdout) == single(tiny)
+
+
+def test_layout_mismatch_is_an_error_on_every_rank_before_loading(tiny):
+    r = torchrun(3, "--checkpoint", str(tiny), "--set", "parallel.tensor=2", *ARGS)
+    assert r.returncode != 0
+    for rank in range(3):
+        assert f"error: [rank {rank}] parallel.tensor (2) x parallel.pipeline (1) = 2 must equal the number " \
+               f"of processes (3)" in r.stderr
+    assert "loading" not in r.stderr and r.stdout == ""
+
+
+def test_a_killed_rank_ends_the_whole_job_quickly(tiny):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "llama3_dist", "generate", "--checkpoint", str(tiny), "--set", "parallel.tensor=2",
+           "--prompt", "a", "--max-new-tokens", "30000", "--set", "runtime.max_seq_len=30002",
+           "--temperature", "0"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert job.stdout.read(1) == b"a"  # rank 0 streams the prompt once the model is loaded
+        time.sleep(1.0)
+        workers = [p for p in psutil.Process(job.pid).children(recursive=True)
+                   if p.environ().get("RANK") == "1"]
+        assert len(workers) == 1
+        workers[0].kill()
+        killed = time.monotonic()
+        code = job.wait(timeout=60)
+        assert code != 0
+        assert time.monotonic() - killed < 30
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
+def _raise_mid_generation(mesh, path: str):
+    model = load_model(open_checkpoint(path), mesh, __import__("torch").float32)
+
+    def on_token(row: int, token: int, seen=[]):  # noqa: B006 - a counter local to this rank
+        seen.append(token)
+        if mesh.rank == 1 and len(seen) == 3:
+            raise RuntimeError("injected failure on rank 1")
+
+    generate(model, mesh, [[1, 2, 3]], SamplingParams(5000, temperature=0.0), frozenset(), on_token)
+    return "finished"
+
+
+def test_a_raising_rank_makes_its_peer_fail_not_hang(tiny):
+    # No launcher to kill the survivors: rank 0 itself must notice within the 30 s budget.
+    outcomes = run_ranks(_raise_mid_generation, 2, str(tiny), outcomes=True, timeout=60)
+    (ok0, err0, t0), (ok1, err1, _) = outcomes
+    assert not ok1 and "injected failure on rank 1" in err1
+    assert not ok0, "rank 0 finished although its peer died"
+    assert t0 < 30
