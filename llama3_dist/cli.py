@@ -130,7 +130,7 @@ def run_generate(args: argparse.Namespace) -> int:
     printer = StreamPrinter(tok) if stream else None
     if stream and not gen.chat:
         print(texts[0], end="", flush=True)
-    results = generate(model, mesh, prompts, params, tok.stop_ids, printer)
+    results = generate(model, mesh, prompts, params, tok.stop_ids, printer, cfg.parallel.microbatches)
     if mesh.is_rank0:
         report(args, texts, results, tok, printer)
     return 0

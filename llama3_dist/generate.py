@@ -2,7 +2,8 @@
 
 Prompts of different lengths share one batch: they are right-padded for the prefill and each row
 then decodes at its own position, so a row gives the tokens it would give alone. One rank samples
-(tp-rank 0 of the last stage) and broadcasts, so every rank feeds the same tokens next step.
+(tp-rank 0 of the last stage) and broadcasts, so every rank feeds the same tokens next step and
+takes the same decision to stop.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .errors import UserError
 from .model import Transformer
 from .parallel.comm import broadcast
 from .parallel.mesh import Mesh
+from .parallel.pipeline import run_stages
 
 
 class GenerationError(UserError):
@@ -77,14 +79,14 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
 class Sampler:
     """Runs one forward step on every rank and returns the sampled tokens, identical on all ranks."""
 
-    def __init__(self, model: Transformer, mesh: Mesh, params: SamplingParams):
-        self.model, self.mesh, self.params = model, mesh, params
+    def __init__(self, model: Transformer, mesh: Mesh, params: SamplingParams, microbatches: int):
+        self.model, self.mesh, self.params, self.microbatches = model, mesh, params, microbatches
         self.generator = None
         if mesh.rank == mesh.sampler_rank and params.seed is not None:
             self.generator = torch.Generator(device=mesh.device).manual_seed(params.seed)
 
     def __call__(self, tokens: Tensor, pos: Tensor, last: Tensor | None = None) -> Tensor:
-        logits = self.model(tokens, pos, last)
+        logits = run_stages(self.model, self.mesh, tokens, pos, last, self.microbatches)
         if self.mesh.rank == self.mesh.sampler_rank:
             nxt = sample(logits[:, -1], self.params, self.generator)
         else:
@@ -94,8 +96,12 @@ class Sampler:
 
 @torch.inference_mode()
 def generate(model: Transformer, mesh: Mesh, prompts: list[list[int]], params: SamplingParams,
-             stop_ids: frozenset[int], on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
-    """Complete every prompt; on_token(row, token_id) is called as each kept token is produced."""
+             stop_ids: frozenset[int], on_token: Callable[[int, int], None] | None = None,
+             microbatches: int = 1) -> list[Completion]:
+    """Complete every prompt; on_token(row, token_id) is called as each kept token is produced.
+
+    With pipeline stages, the batch flows through them as `microbatches` micro-batches.
+    """
     device = mesh.device
     lens = torch.tensor([len(p) for p in prompts], device=device)
     B, T = len(prompts), int(lens.max())
@@ -103,7 +109,7 @@ def generate(model: Transformer, mesh: Mesh, prompts: list[list[int]], params: S
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-    step = Sampler(model, mesh, params)
+    step = Sampler(model, mesh, params, microbatches)
 
     start = time.perf_counter()
     nxt = step(tokens, torch.arange(T, device=device).expand(B, T), last=lens - 1)

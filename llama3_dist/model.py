@@ -116,12 +116,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, hd) at positions pos (B, T); return the first `length` cached positions."""
-        b = torch.arange(k.shape[0], device=pos.device).unsqueeze(1)  # (B, 1)
+    def update(self, rows: slice, pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, hd) of cache rows `rows` at positions pos (B, T); return their first
+        `length` cached positions, (B, H, length, hd)."""
+        b = torch.arange(rows.start, rows.stop, device=pos.device).unsqueeze(1)  # (B, 1)
         self.k[b, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
         self.v[b, :, pos] = v.transpose(1, 2)
-        return self.k[: k.shape[0], :, :length], self.v[: k.shape[0], :, :length]
+        return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
 class Attention(nn.Module):
@@ -138,14 +139,14 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * hd, args.dim, group, (q0 * hd, q1 * hd))
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)  # (B, T, n_local_heads, hd)
         k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, n_local_kv_heads, hd)
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
-        k, v = self.cache.update(pos, k, v, mask.shape[-1])  # (B, n_local_kv_heads, S, hd)
+        k, v = self.cache.update(rows, pos, k, v, mask.shape[-1])  # (B, n_local_kv_heads, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            enable_gqa=self.n_local_heads != self.n_local_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
@@ -175,8 +176,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), pos, freqs_cis, mask)
+    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), pos, freqs_cis, mask, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -215,12 +216,14 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, x: Tensor, pos: Tensor, last: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, last: Tensor | None = None, rows: slice | None = None) -> Tensor:
         """Tokens (B, T) on the first stage, else hidden states (B, T, dim), at positions pos (B, T).
 
         Returns the last stage's float32 logits, (B, T, vocab), or (B, 1, vocab) at the indices
         `last` (B,) when given; other stages return hidden states (B, T, dim) for the next stage.
+        `rows` picks the KV-cache rows of these sequences (a micro-batch); default 0..B-1.
         """
+        rows = slice(0, x.shape[0]) if rows is None else rows
         if self.mesh.is_pp_first_stage:
             x = self.tok_embeddings(x)  # (B, T, dim)
         length = int(pos.max()) + 1
@@ -230,7 +233,7 @@ class Transformer(nn.Module):
         mask = mask.unsqueeze(1)  # (B, 1, T, S): same for every head
         freqs_cis = self.freqs_cis[pos]  # (B, T, hd/2)
         for layer in self.layers.values():
-            x = layer(x, pos, freqs_cis, mask)
+            x = layer(x, pos, freqs_cis, mask, rows)
         if not self.mesh.is_pp_last_stage:
             return x
         if last is not None:

@@ -1,8 +1,17 @@
-"""Pipeline stages: which contiguous layers each stage owns."""
+"""Pipeline stages: which contiguous layers each stage owns, and the micro-batched forward pass.
+
+Activations move from stage k to stage k + 1 point to point, between ranks with the same tp-rank;
+the last stage's logits stay there (its tp-rank 0 samples and broadcasts the tokens).
+"""
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from ..config import ConfigError, ParallelConfig
-from ..model import ModelArgs
+from ..model import ModelArgs, Transformer
+from .comm import isend, recv
+from .layers import even_split
 from .mesh import Mesh
 
 
@@ -36,3 +45,41 @@ def stage_layer_ids(args: ModelArgs, parallel: ParallelConfig, mesh: Mesh) -> ra
                           f"but the model has {args.n_layers} layers")
     start = sum(counts[: mesh.stage])
     return range(start, start + counts[mesh.stage])
+
+
+def send_forward(x: Tensor, mesh: Mesh):
+    """Hand this stage's activations to the same tp-rank of the next stage (non-blocking)."""
+    return isend(x, mesh.rank + mesh.tp.size)
+
+
+def recv_forward(shape: tuple[int, ...], dtype: torch.dtype, mesh: Mesh) -> Tensor:
+    """Activations from the same tp-rank of the previous stage."""
+    return recv(torch.empty(shape, dtype=dtype, device=mesh.device), mesh.rank - mesh.tp.size)
+
+
+def run_stages(model: Transformer, mesh: Mesh, tokens: Tensor, pos: Tensor, last: Tensor | None,
+               microbatches: int) -> Tensor | None:
+    """One forward pass of the whole pipeline over a batch split into micro-batches.
+
+    Stage k starts micro-batch i + 1 as soon as it has sent micro-batch i, so stage k + 1 works on
+    micro-batch i while stage k works on i + 1. Returns the logits (B, 1 or T, vocab) on the last
+    stage and None elsewhere.
+    """
+    B, T = tokens.shape
+    pending, outs = [], []
+    for start, stop in even_split(B, microbatches):
+        if start == stop:
+            continue
+        rows = slice(start, stop)
+        if mesh.is_pp_first_stage:
+            x = tokens[rows]
+        else:
+            x = recv_forward((stop - start, T, model.args.dim), model.dtype, mesh)
+        y = model(x, pos[rows], None if last is None else last[rows], rows)
+        if mesh.is_pp_last_stage:
+            outs.append(y)
+        else:
+            pending.append((send_forward(y, mesh), y))  # keep y alive until the send completes
+    for work, _ in pending:
+        work.wait()
+    return torch.cat(outs) if outs else None
