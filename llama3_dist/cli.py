@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import logging
 import os
@@ -47,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. parallel.tensor=2 (repeatable)")
-    g.add_argument("-v", "--verbose", action="store_true")
+    g.add_argument("-v", "--verbose", action="store_true", help="every rank logs (memory after loading, ...)")
+    pl = sub.add_parser("plan", help="memory per rank for a config, from the real sharded modules")
+    pl.add_argument("--config", help="YAML config (see configs/)")
+    pl.add_argument("--checkpoint", help="read the architecture from a checkpoint instead of model.preset")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--device-memory", help="memory per device, e.g. 80GiB: adds a fits column")
+    pl.add_argument("--json", action="store_true", help="one JSON array on stdout")
     w = sub.add_parser("world-size", help="print the number of ranks a config needs (tensor x pipeline)")
     w.add_argument("--config")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.set)
             print(cfg.parallel.tensor * cfg.parallel.pipeline)
             return 0
+        if args.command == "plan":
+            return run_plan(args)
         return run_generate(args)
     except UserError as e:
         tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -81,6 +90,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def with_rope_factor(args, factor: float):
+    """args with its Llama 3.1-style rope scaling factor replaced (e.g. 32 for Llama 3.2 Meta checkpoints)."""
+    if args.rope_scaling is None:
+        raise UserError("model.rope_scaling_factor: this checkpoint uses no Llama 3.1 rope scaling "
+                        "(params.json use_scaled_rope / HF rope_scaling); remove the override")
+    return dataclasses.replace(args, rope_scaling=dataclasses.replace(args.rope_scaling, factor=factor))
+
+
+def model_args(cfg: Config):
+    """The architecture: from model.preset when given without a checkpoint, else from the checkpoint."""
+    from .checkpoint import default_checkpoint, open_checkpoint
+    from .checkpoint.synthetic import preset_args
+    if cfg.model.preset is not None and cfg.model.checkpoint is None:
+        args = preset_args(cfg.model.preset)
+    else:
+        args = open_checkpoint(cfg.model.checkpoint or default_checkpoint()).args
+    if cfg.model.rope_scaling_factor is not None:
+        args = with_rope_factor(args, cfg.model.rope_scaling_factor)
+    return args
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .plan import as_json, parse_bytes, plan, table
+    sets = list(args.set) + ([f"model.checkpoint={json.dumps(args.checkpoint)}"] if args.checkpoint else [])
+    cfg = load_config(args.config, sets)
+    try:
+        memory = None if args.device_memory is None else parse_bytes(args.device_memory)
+    except ValueError as e:
+        raise UserError(f"--device-memory: {e}") from None
+    rows = plan(cfg, model_args(cfg), memory)
+    if args.json:
+        print(json.dumps(as_json(rows)))
+    else:
+        print(table(rows))
+        worst = max(rows, key=lambda x: x.total_bytes)
+        print(f"largest rank: {worst.total_bytes / 2**30:.2f} GiB (rank {worst.rank}); "
+              f"batch {cfg.runtime.max_batch_size} x {cfg.runtime.max_seq_len} tokens, {cfg.runtime.dtype}")
+    return 0 if all(x.fits is not False for x in rows) else 1
 
 
 def set_threads(threads: int | None) -> None:
@@ -96,8 +145,8 @@ def set_threads(threads: int | None) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import default_checkpoint, load_model, open_checkpoint, open_tokenizer
     from .generate import SamplingParams, check_prompts, generate
-    from .log import setup_logging
-    from .parallel.mesh import init_distributed
+    from .log import peak_rss_bytes, setup_logging
+    from .parallel.mesh import init_distributed, shutdown
     from .parallel.pipeline import stage_layer_ids
 
     cfg = config_from_args(args)
@@ -105,7 +154,12 @@ def run_generate(args: argparse.Namespace) -> int:
                             cfg.runtime.device, cfg.runtime.timeout_s)
     setup_logging(mesh.rank, args.verbose)
     set_threads(cfg.runtime.threads)
+    if cfg.model.preset is not None and cfg.model.checkpoint is None:
+        raise UserError(f"model.preset={cfg.model.preset} describes an architecture only (for `plan`); "
+                        f"give the weights with --checkpoint PATH")
     ckpt = open_checkpoint(cfg.model.checkpoint or default_checkpoint())
+    if cfg.model.rope_scaling_factor is not None:
+        ckpt.args = with_rope_factor(ckpt.args, cfg.model.rope_scaling_factor)
     tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
     if tok.n_words > ckpt.args.vocab_size:
         raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
@@ -125,15 +179,43 @@ def run_generate(args: argparse.Namespace) -> int:
              ckpt.args.n_layers, f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",
              cfg.runtime.dtype)
     model = load_model(ckpt, mesh, DTYPES[cfg.runtime.dtype], layer_ids)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = peak_rss_bytes()
+    log.info("stage %d tp-rank %d: layers %d-%d, %.2f GiB of weights, peak RSS %s after loading", mesh.stage,
+             mesh.tp.rank, layer_ids.start, layer_ids.stop - 1, weights / 2**30,
+             "n/a" if peak is None else f"{peak / 2**30:.2f} GiB")
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.seed)
     stream = mesh.is_rank0 and not args.json and len(prompts) == 1
     printer = StreamPrinter(tok) if stream else None
     if stream and not gen.chat:
         print(texts[0], end="", flush=True)
-    results = generate(model, mesh, prompts, params, tok.stop_ids, printer, cfg.parallel.microbatches)
+    stop_ids = tok.stop_ids | {tok.special_tokens[x] for x in gen.stop if x in tok.special_tokens}
+    strings = [x for x in gen.stop if x not in tok.special_tokens]
+    results = generate(model, mesh, prompts, params, stop_ids, printer, cfg.parallel.microbatches,
+                       StopStrings(tok, strings) if strings else None)
     if mesh.is_rank0:
         report(args, texts, results, tok, printer)
+    shutdown()
     return 0
+
+
+class StopStrings:
+    """stop_check for generate(): once a stop string appears, keep the tokens whose text precedes it."""
+
+    def __init__(self, tok, strings: list[str]):
+        self.tok, self.strings = tok, strings
+        self.window = max(len(x.encode()) for x in strings) + 1  # every token carries >= 1 byte
+
+    def __call__(self, tokens: list[int]) -> int | None:
+        tail = self.tok.decode(tokens[-self.window:])
+        if not any(x in tail for x in self.strings):
+            return None
+        text = self.tok.decode(tokens)
+        start = min(text.find(x) for x in self.strings if x in text)
+        keep = len(tokens) - 1
+        while keep > 0 and len(self.tok.decode(tokens[:keep])) > start:
+            keep -= 1
+        return keep
 
 
 class StreamPrinter:

@@ -20,6 +20,8 @@ class ConfigError(UserError):
 class ModelConfig:
     checkpoint: str | None = None  # Meta dir, HF dir or .gguf file; None: the embedded SmolLM2-135M
     tokenizer: str | None = None  # override: tokenizer.model, an HF dir or a .gguf
+    preset: str | None = None  # a known architecture (llama3-8b, ...): `plan` needs no weights
+    rope_scaling_factor: float | None = None  # override the checkpoint's Llama 3.1 scaling factor
 
 
 @dataclass
@@ -49,6 +51,7 @@ class GenerateConfig:
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
     chat: bool = False
+    stop: list[str] = field(default_factory=list)  # extra stop strings (matched on token ids)
 
 
 @dataclass
@@ -81,6 +84,13 @@ class Config:
             raise ConfigError(f"generate.top_p: must be in (0, 1], got {g.top_p}")
         if g.top_k < 0:
             raise ConfigError(f"generate.top_k: must be >= 0 (0 disables it), got {g.top_k}")
+        if self.model.rope_scaling_factor is not None and self.model.rope_scaling_factor <= 0:
+            raise ConfigError(f"model.rope_scaling_factor: must be > 0, got {self.model.rope_scaling_factor}")
+        if any(not s for s in g.stop):
+            raise ConfigError("generate.stop: stop strings must not be empty")
+        if self.model.preset is not None:
+            from .checkpoint.synthetic import PRESETS
+            _choice("model.preset", self.model.preset, tuple(PRESETS))
         if p.stage_layers is not None:
             if len(p.stage_layers) != p.pipeline:
                 raise ConfigError(f"parallel.stage_layers: needs one entry per stage ({p.pipeline}), "
@@ -122,7 +132,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     return cfg.validate()
 
 
+SECTION_ALIASES = {"generation": "generate"}
+
+
 def _section(cfg: Config, name: str):
+    name = SECTION_ALIASES.get(name, name)
     names = [f.name for f in dataclasses.fields(cfg)]
     if name not in names:
         raise ConfigError(f"{name}: unknown section{_suggest(name, names)}; sections: {', '.join(names)}")
@@ -138,6 +152,7 @@ def set_key(cfg: Config, dotted: str, value) -> None:
     """Set cfg.section.key = value after checking the key exists and the value has its type."""
     section_name, _, key = dotted.partition(".")
     section = _section(cfg, section_name)
+    section_name = SECTION_ALIASES.get(section_name, section_name)
     fields = {f.name: f for f in dataclasses.fields(section)}
     if key not in fields:
         full = [f"{section_name}.{k}" for k in fields]

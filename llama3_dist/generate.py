@@ -97,10 +97,13 @@ class Sampler:
 @torch.inference_mode()
 def generate(model: Transformer, mesh: Mesh, prompts: list[list[int]], params: SamplingParams,
              stop_ids: frozenset[int], on_token: Callable[[int, int], None] | None = None,
-             microbatches: int = 1) -> list[Completion]:
+             microbatches: int = 1, stop_check: Callable[[list[int]], int | None] | None = None
+             ) -> list[Completion]:
     """Complete every prompt; on_token(row, token_id) is called as each kept token is produced.
 
-    With pipeline stages, the batch flows through them as `microbatches` micro-batches.
+    A row ends at a token of stop_ids, or when stop_check(its tokens) returns how many of them to
+    keep (e.g. a stop string appeared). With pipeline stages, the batch flows through them as
+    `microbatches` micro-batches.
     """
     device = mesh.device
     lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -128,7 +131,11 @@ def generate(model: Transformer, mesh: Mesh, prompts: list[list[int]], params: S
             out[b].append(tok)
             if on_token is not None:
                 on_token(b, tok)
-            if len(out[b]) == params.max_new_tokens:
+            keep = None if stop_check is None else stop_check(out[b])
+            if keep is not None:
+                del out[b][keep:]
+                reason[b] = "stop"
+            elif len(out[b]) == params.max_new_tokens:
                 reason[b] = "length"
         if all(r is not None for r in reason):
             break

@@ -1,4 +1,4 @@
-"""Diagnostics to stderr through `logging`; rank 0 logs INFO, other ranks only warnings."""
+"""Diagnostics to stderr through `logging`: rank 0 logs INFO, other ranks only warnings (all INFO if verbose)."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +13,14 @@ def setup_logging(rank: int, verbose: bool = False) -> None:
     root = logging.getLogger("llama3_dist")
     root.handlers[:] = [handler]
     root.propagate = False
-    if rank == 0:
-        root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    else:
-        root.setLevel(logging.WARNING)
+    root.setLevel(logging.INFO if rank == 0 or verbose else logging.WARNING)
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (Linux VmHWM), or None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024

@@ -196,6 +196,12 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(args.dim, args.norm_eps)
             self.output = VocabParallelHead(args.dim, args.vocab_size, group)
         self.freqs_cis: Tensor | None = None
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With tied embeddings and both ends on this stage, the head reads the embedding's tensor."""
+        if self.args.tie_embeddings and self.mesh.is_pp_first_stage and self.mesh.is_pp_last_stage:
+            self.output.weight = self.tok_embeddings.weight
 
     def setup_caches(self, batch: int, seq_len: int) -> None:
         """Allocate every layer's KV cache for `batch` sequences of up to `seq_len` tokens."""

@@ -54,21 +54,17 @@ def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: rang
     args = ckpt.args
     with torch.device("meta"):
         model = Transformer(args, mesh, layer_ids)
-    tied = {}
-    for name, param in list(model.named_parameters()):
+    for name, param in list(model.named_parameters()):  # a tied head is shared, so not listed
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
+        # a tied head on a later stage than the embedding reads the embedding's tensor
         source = "tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name
-        if source in tied:  # embedding and head tied on this rank: one tensor
-            setattr(module, leaf, tied[source])
-            continue
         spec = getattr(module, "shard", None)
         t = ckpt.read(source, *spec) if spec is not None else ckpt.read(source)
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointError(f"{ckpt.path}: {source} slice has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
-        new = nn.Parameter(t.to(device=mesh.device, dtype=dtype).contiguous(), requires_grad=False)
-        setattr(module, leaf, new)
-        tied[source] = new
+        setattr(module, leaf, nn.Parameter(t.to(device=mesh.device, dtype=dtype).contiguous(), requires_grad=False))
+    model.tie_weights()
     return model.eval()
 
 

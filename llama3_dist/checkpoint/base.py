@@ -6,6 +6,7 @@ import mmap
 import sys
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..model import ModelArgs
@@ -82,7 +83,17 @@ def release_pages(ptr: int, nbytes: int) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
-def release_tensor(t: Tensor) -> None:
-    """release_pages() over the storage of an mmap-backed tensor."""
-    storage = t.untyped_storage()
-    release_pages(storage.data_ptr(), storage.nbytes())
+def copy_out(src: Tensor, chunk_bytes: int = 16 << 20) -> Tensor:
+    """Copy a (possibly strided) view of an mmap'd tensor into fresh memory, block of rows by block,
+    dropping each block's file pages once copied: peak memory grows by the copy plus one block."""
+    out = torch.empty(src.shape, dtype=src.dtype)
+    if src.dim() == 0 or src.numel() == 0:
+        return out.copy_(src)
+    row_bytes = max(1, src[0].numel() * src.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    for r in range(0, src.shape[0], step):
+        block = src[r: r + step]
+        out[r: r + step] = block
+        end = block[-1].data_ptr() + (block[-1].numel() and row_bytes)  # rows share one stride
+        release_pages(block.data_ptr(), end - block.data_ptr())
+    return out

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..model import ModelArgs, RopeScaling, ffn_hidden_dim
-from .base import Checkpoint, narrow, release_tensor
+from .base import Checkpoint, copy_out, narrow
 
 log = logging.getLogger(__name__)
 
@@ -135,21 +135,17 @@ class MetaCheckpoint(Checkpoint):
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
         split, full = self._layout(name)
         if split is None:
-            sources = [self._shard(0)[name]]
-            out = narrow(sources[0], dim, start, stop).clone()
-        elif dim != split:  # cut the same slice from every shard, then join the shards
-            sources = [self._shard(i)[name] for i in range(len(self.files))]
-            out = torch.cat([narrow(t, dim, start, stop) for t in sources], dim=split)
+            return copy_out(narrow(self._shard(0)[name], dim, start, stop))
+        if dim != split:  # cut the same slice from every shard, then join the shards
+            pieces = [narrow(self._shard(i)[name], dim, start, stop) for i in range(len(self.files))]
         else:
             stop = full[dim] if stop is None else stop
             size = full[split] // len(self.files)
             overlap = range(start // size, (stop - 1) // size + 1)  # only the shards that hold the slice
-            sources = [self._shard(i)[name] for i in overlap]
-            out = torch.cat([narrow(t, dim, max(start, i * size) - i * size, min(stop, (i + 1) * size) - i * size)
-                             for i, t in zip(overlap, sources)], dim=split)
-        for t in sources:
-            release_tensor(t)
-        return out
+            pieces = [narrow(self._shard(i)[name], dim, max(start, i * size) - i * size,
+                             min(stop, (i + 1) * size) - i * size) for i in overlap]
+        pieces = [copy_out(p) for p in pieces]
+        return torch.cat(pieces, dim=split) if len(pieces) > 1 else pieces[0]
 
     def tokenizer(self):
         from ..tokenizer import default_llama3_tokenizer_path, llama3_tokenizer

@@ -33,7 +33,13 @@ PRESETS: dict[str, dict] = {
                     "multiple_of": 256, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 500000.0,
                     "use_scaled_rope": True, "rope_scaling_factor": 32.0},
 }
+TIED = {"llama3.2-1b", "llama3.2-3b"}  # these share the embedding with the output head
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+
+
+def preset_args(name: str):
+    """ModelArgs of a named architecture."""
+    return params_to_args(PRESETS[name], has_output=name not in TIED)
 
 
 def _random(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:

@@ -117,3 +117,10 @@ def build_mesh(tensor: int, pipeline: int, device: torch.device) -> Mesh:
         if rank in ranks:
             pp = Group(ranks.index(rank), pipeline, ranks, pg)
     return Mesh(rank, world_size, tp, pp, device)
+
+
+def shutdown() -> None:
+    """Leave the job cleanly once every rank is done (gloo aborts at exit if its group is still up)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

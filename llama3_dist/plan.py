@@ -1,0 +1,98 @@
+"""Memory plan per rank, from the real modules built on the meta device with the real sharding."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import Config
+from .model import ModelArgs, Transformer
+from .parallel.comm import Group
+from .parallel.mesh import Mesh
+from .parallel.pipeline import stage_layer_ids
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    stage: int
+    tp_rank: int
+    layers: str
+    param_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int
+    total_bytes: int
+    fits: bool | None
+
+
+def rank_mesh(rank: int, tensor: int, pipeline: int) -> Mesh:
+    """The Mesh that global rank `rank` would get (groups without process groups: nothing to talk to)."""
+    stage, tp_rank = divmod(rank, tensor)
+    tp = Group(tp_rank, tensor, tuple(stage * tensor + t for t in range(tensor)))
+    pp = Group(stage, pipeline, tuple(s * tensor + tp_rank for s in range(pipeline)))
+    return Mesh(rank, tensor * pipeline, tp, pp, torch.device("meta"))
+
+
+def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int) -> int:
+    """Estimate of the largest live activations: a prefill micro-batch through one layer, plus logits."""
+    args, tokens = model.args, batch * seq_len
+    widest = 0
+    for block in model.layers.values():
+        attn, ffn = block.attention, block.feed_forward
+        qkv = (attn.n_local_heads + 2 * attn.n_local_kv_heads) * attn.head_dim
+        widest = max(widest, 4 * args.dim + qkv + 3 * ffn.w1.weight.shape[0])
+    logits = batch * args.vocab_size * 4 if model.mesh.is_pp_last_stage else 0
+    return tokens * widest * elem + logits
+
+
+def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None) -> list[RankPlan]:
+    """One RankPlan per global rank for this config's layout, batch and sequence length."""
+    t, p, r = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.runtime
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[r.dtype]
+    rows = []
+    for rank in range(t * p):
+        mesh = rank_mesh(rank, t, p)
+        layers = stage_layer_ids(args, cfg.parallel, mesh)
+        with torch.device("meta"):
+            model = Transformer(args, mesh, layers).to(dtype)
+            model.setup_caches(r.max_batch_size, r.max_seq_len)
+        params = sum(x.numel() * x.element_size() for x in model.parameters())
+        kv = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if ".cache." in name)
+        micro = -(-r.max_batch_size // cfg.parallel.microbatches)
+        work = workspace_bytes(model, micro, r.max_seq_len, DTYPE_BYTES[r.dtype])
+        total = params + kv + work
+        rows.append(RankPlan(rank, mesh.stage, mesh.tp.rank, f"{layers.start}-{layers.stop - 1}", params, kv,
+                             work, total, None if device_memory is None else total <= device_memory))
+    return rows
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '24GB', '512MiB', '1e9' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1, "": 1}
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise ValueError(f"cannot read a size from {text!r}; use e.g. 80GiB or 24GB")
+    return int(float(num) * units[unit])
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def table(rows: list[RankPlan]) -> str:
+    """A fixed-width table, one line per rank, sizes in GiB."""
+    head = ["rank", "stage", "tp", "layers", "params GiB", "kv GiB", "workspace GiB", "total GiB", "fits"]
+    body = [[str(x.rank), str(x.stage), str(x.tp_rank), x.layers, gib(x.param_bytes), gib(x.kv_cache_bytes),
+             gib(x.workspace_bytes), gib(x.total_bytes), {None: "-", True: "yes", False: "NO"}[x.fits]]
+            for x in rows]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *body])
+
+
+def as_json(rows: list[RankPlan]) -> list[dict]:
+    return [asdict(x) for x in rows]

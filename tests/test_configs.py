@@ -1,0 +1,166 @@
+"""Configs and presets, `plan` against measured memory, and a two-"node" torchrun on localhost."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import random_model, tiny_config, write_gguf
+from distributed import run_ranks
+
+from llama3_dist.checkpoint import load_model, open_checkpoint
+from llama3_dist.checkpoint.synthetic import PRESETS, preset_args, write_random_meta
+from llama3_dist.cli import main
+from llama3_dist.config import ConfigError, load_config
+from llama3_dist.parallel.pipeline import stage_layer_ids
+from llama3_dist.plan import parse_bytes, plan
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# Parameter counts Meta publishes (8B: 8.03B, 70B: 70.6B, 405B: 405.9B, 1B: 1.24B, 3B: 3.21B).
+PARAMS = {"llama3-8b": 8.03e9, "llama3.1-8b": 8.03e9, "llama3-70b": 70.55e9, "llama3.1-70b": 70.55e9,
+          "llama3.1-405b": 405.85e9, "llama3.2-1b": 1.236e9, "llama3.2-3b": 3.213e9}
+ARGS = ["--prompt", "hello there", "--prompt", "x", "--max-new-tokens", "6", "--temperature", "0", "--json"]
+
+
+def test_there_is_a_preset_for_every_layout_the_docs_promise():
+    names = {c.stem for c in CONFIGS}
+    assert {"smollm2-135m", "smollm2-135m-tp2", "smollm2-135m-pp2", "smollm2-135m-tp2-pp2", "llama3-8b",
+            "llama3-8b-tp2", "llama3.1-8b", "llama3.1-70b-tp8", "llama3.1-405b-tp8-pp2", "llama3.2-1b",
+            "llama3.2-3b"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_preset_validates_and_plans(config):
+    cfg = load_config(str(config))
+    if cfg.model.preset is not None:
+        args = preset_args(cfg.model.preset)
+    else:
+        args = open_checkpoint(cfg.model.checkpoint or _embedded()).args
+    rows = plan(cfg, args)
+    assert len(rows) == cfg.parallel.tensor * cfg.parallel.pipeline
+    assert all(r.param_bytes > 0 and r.kv_cache_bytes > 0 for r in rows)
+    layers = {r.layers for r in rows}
+    assert len(layers) == cfg.parallel.pipeline  # one layer range per stage
+
+
+def _embedded():
+    from llama3_dist.checkpoint import default_checkpoint
+    return default_checkpoint()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_shapes_are_the_real_models(preset):
+    args = preset_args(preset)
+    want_ffn = {"llama3-8b": 14336, "llama3.1-8b": 14336, "llama3-70b": 28672, "llama3.1-70b": 28672,
+                "llama3.1-405b": 53248, "llama3.2-1b": 8192, "llama3.2-3b": 8192}[preset]
+    assert args.hidden_dim == want_ffn
+    cfg = load_config(None, [f"model.preset={preset}"])
+    [row] = plan(cfg, args)
+    n_params = row.param_bytes / 4  # float32
+    assert abs(n_params - PARAMS[preset]) / PARAMS[preset] < 0.01
+
+
+def test_70b_tp8_and_405b_tp8_pp2_fit_80gib_and_split_evenly():
+    for name, size in (("llama3.1-70b-tp8", 8), ("llama3.1-405b-tp8-pp2", 16)):
+        cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
+        rows = plan(cfg, preset_args(cfg.model.preset), parse_bytes("80GiB"))
+        assert len(rows) == size and all(r.fits for r in rows)
+        assert max(r.param_bytes for r in rows) / min(r.param_bytes for r in rows) < 1.1
+
+
+def test_plan_cli_table_json_and_fit(capsys):
+    assert main(["plan", "--config", str(REPO / "configs" / "llama3.1-405b-tp8-pp2.yaml"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 16 and {"rank", "stage", "tp_rank", "param_bytes", "kv_cache_bytes", "workspace_bytes",
+                                "total_bytes", "fits"} <= set(rows[0])
+    assert main(["plan", "--config", str(REPO / "configs" / "llama3-8b.yaml"), "--device-memory", "8GiB"]) == 1
+    out = capsys.readouterr().out
+    assert "NO" in out and "largest rank" in out
+    assert main(["plan", "--device-memory", "lots"]) == 2
+    assert "--device-memory" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="parallel.backend: nccl needs runtime.device=cuda"):
+        load_config(None, ["parallel.backend=nccl"])
+    with pytest.raises(ConfigError, match="model.preset: must be one of"):
+        load_config(None, ["model.preset=llama5"])
+    with pytest.raises(ConfigError, match="generate.top_p: must be in"):
+        load_config(None, ["generation.top_p=2"])  # `generation` is accepted as the section's other name
+    bad = REPO / "configs" / "smollm2-135m.yaml"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(bad) + ".missing")
+
+
+def _rss_after_load(mesh, path: str, batch: int, seq_len: int):
+    def rss() -> int:
+        line = next(x for x in open("/proc/self/status") if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    before = rss()
+    ckpt = open_checkpoint(path)
+    from llama3_dist.config import ParallelConfig
+    model = load_model(ckpt, mesh, torch.float32, stage_layer_ids(ckpt.args, ParallelConfig(), mesh))
+    model.setup_caches(batch, seq_len)
+    for cache in (b.attention.cache for b in model.layers.values()):
+        cache.k.fill_(1.0)  # touch the cache so it is resident, as it is after a long generation
+        cache.v.fill_(1.0)
+    return rss() - before
+
+
+def test_plan_matches_measured_rss(tmp_path):
+    """Weights + KV cache as planned vs RSS growth: within 10% plus 32 MiB of bookkeeping (file
+    metadata, allocator slack, the rotary table)."""
+    params = {"dim": 512, "n_layers": 6, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 32000,
+              "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0}
+    path = str(write_random_meta(tmp_path / "m", params, dtype=torch.float32))
+    cfg = load_config(None, [f"model.checkpoint={path}", "parallel.tensor=2", "runtime.max_batch_size=4",
+                             "runtime.max_seq_len=1024"])
+    predicted = [r.param_bytes + r.kv_cache_bytes for r in plan(cfg, open_checkpoint(path).args)]
+    measured = run_ranks(_rss_after_load, 2, path, 4, 1024)
+    for want, got in zip(predicted, measured):
+        assert abs(got - want) < 0.10 * want + 32 * 2**20, (got, want)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_gguf(random_model(tiny_config(), seed=61), tmp_path_factory.mktemp("m") / "tiny.gguf")
+
+
+def _single(path) -> list[list[int]]:
+    r = subprocess.run([sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(path), *ARGS],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(x)["tokens"] for x in r.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-pp2", "smollm2-135m-tp2-pp2", "smollm2-135m-tp4"])
+def test_small_presets_run_through_the_launch_script(tiny, name):
+    r = subprocess.run([str(REPO / "launch" / "run.sh"), str(REPO / "configs" / f"{name}.yaml"), "--",
+                        "--checkpoint", str(tiny), *ARGS], capture_output=True, text=True, timeout=240,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["tokens"] for x in r.stdout.splitlines()] == _single(tiny)
+
+
+def test_two_nodes_on_localhost_run_tp2_like_one_process(tiny):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(REPO / "launch" / "multinode.sh"), str(REPO / "configs" / "smollm2-135m-tp2.yaml"),
+           "--nnodes", "2", "--endpoint", f"127.0.0.1:{port}", "--id", "test", "--", "--checkpoint", str(tiny),
+           *ARGS]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              stdin=subprocess.DEVNULL) for _ in range(2)]
+    outs = [n.communicate(timeout=240) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
+    lines = [x for out, _ in outs for x in out.splitlines()]
+    assert len(lines) == 2  # only global rank 0, on whichever node it landed, prints
+    assert [json.loads(x)["tokens"] for x in lines] == _single(tiny)
