@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pl.add_argument("--device-memory", help="memory per device, e.g. 80GiB: adds a fits column")
     pl.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    b = sub.add_parser("bench", help="llama3_dist vs transformers (and llama.cpp) on the same weights")
+    b.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    b.add_argument("--quick", action="store_true", help="only SmolLM2 fp32 batch 1 (a smoke run)")
+    b.add_argument("--threads", type=int, default=2, help="threads per single-process engine")
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--timeout", type=float, default=900, help="seconds per engine run")
+    b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
     w = sub.add_parser("world-size", help="print the number of ranks a config needs (tensor x pipeline)")
     w.add_argument("--config")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -83,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plan":
             return run_plan(args)
+        if args.command == "bench":
+            from .bench import run_bench, table
+            if args.prompt_len < 16 or args.new_tokens < 2:
+                raise UserError("bench: --prompt-len must be >= 16 and --new-tokens >= 2")
+            rows = run_bench(args)
+            print(json.dumps(rows) if args.json else table(rows))
+            return 0
         return run_generate(args)
     except UserError as e:
         tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .parallel.comm import Group
-from .parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                              VocabParallelHead, head_spans)
+from .parallel.layers import (MergedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                              VocabParallelHead, even_split, head_spans)
 from .parallel.mesh import Mesh
 
 
@@ -93,6 +93,24 @@ def apply_rotary(x: Tensor, freqs_cis: Tensor) -> Tensor:
     return out.type_as(x)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hd), masked) v, each KV head shared by a group of consecutive query heads.
+
+    q: (B, Hq, T, hd); k, v: (B, Hkv, S, hd); mask: (B, 1, T, S), True where attending. A decode
+    step (T = 1) stacks each KV head's query heads into one matrix and multiplies the cache once,
+    never copying it per query head; a prefill uses torch's fused attention.
+    """
+    B, Hq, T, hd = q.shape
+    Hkv = k.shape[1]
+    if T > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
+    qg = q.view(B, Hkv, Hq // Hkv, hd).float()  # (B, Hkv, group, hd); float32: exact and, for tiny
+    scores = qg @ k.float().transpose(-1, -2) * hd**-0.5  # products like these, faster than bf16 on CPU
+    scores = scores.masked_fill(~mask, float("-inf"))  # (B, Hkv, group, S); mask broadcasts over heads
+    y = torch.softmax(scores, dim=-1) @ v.float()  # (B, Hkv, group, hd)
+    return y.type_as(q).view(B, Hq, 1, hd)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32."""
 
@@ -133,37 +151,41 @@ class Attention(nn.Module):
         (q0, q1), (kv0, kv1) = head_spans(args.n_heads, args.n_kv_heads, group.rank, group.size)
         hd = args.hd
         self.head_dim, self.n_local_heads, self.n_local_kv_heads = hd, q1 - q0, kv1 - kv0
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * hd, group, (q0 * hd, q1 * hd))
-        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * hd, group, (kv0 * hd, kv1 * hd))
-        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * hd, group, (kv0 * hd, kv1 * hd))
+        # wq, wk, wv stacked: this rank's query heads and the KV heads they read, in one matmul
+        self.wqkv = MergedColumnParallelLinear(args.dim, [
+            ("wq", args.n_heads * hd, (q0 * hd, q1 * hd)),
+            ("wk", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
+            ("wv", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
+        ], group)
         self.wo = RowParallelLinear(args.n_heads * hd, args.dim, group, (q0 * hd, q1 * hd))
         self.cache: KVCache | None = None
 
     def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)  # (B, T, n_local_heads, hd)
-        k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, n_local_kv_heads, hd)
-        v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x)
+        q = q.view(B, T, self.n_local_heads, self.head_dim)  # (B, T, n_local_heads, hd)
+        k = k.view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, n_local_kv_heads, hd)
+        v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
         k, v = self.cache.update(rows, pos, k, v, mask.shape[-1])  # (B, n_local_kv_heads, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+        y = attend(q, k, v, mask)  # (B, n_local_heads, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
         return self.wo(y)  # row-parallel: one all-reduce
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), hidden features split across ranks."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), hidden features split across ranks (w1 and w3 stacked)."""
 
     def __init__(self, dim: int, hidden_dim: int, group: Group):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, group)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, group)
-        self.w2 = RowParallelLinear(hidden_dim, dim, group)
+        rows = even_split(hidden_dim, group.size)[group.rank]
+        self.w13 = MergedColumnParallelLinear(dim, [("w1", hidden_dim, rows), ("w3", hidden_dim, rows)], group)
+        self.w2 = RowParallelLinear(hidden_dim, dim, group, rows)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -42,7 +42,7 @@ def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int) -> 
     for block in model.layers.values():
         attn, ffn = block.attention, block.feed_forward
         qkv = (attn.n_local_heads + 2 * attn.n_local_kv_heads) * attn.head_dim
-        widest = max(widest, 4 * args.dim + qkv + 3 * ffn.w1.weight.shape[0])
+        widest = max(widest, 4 * args.dim + qkv + 3 * ffn.w2.weight.shape[1])
     logits = batch * args.vocab_size * 4 if model.mesh.is_pp_last_stage else 0
     return tokens * widest * elem + logits
 

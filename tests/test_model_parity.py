@@ -5,7 +5,7 @@ import pytest
 import torch
 from checkpoints import dequantized_reference, random_model, tiny_config, write_gguf, write_hf, write_meta
 
-from llama3_dist.checkpoint import load_model, open_checkpoint
+from llama3_dist.checkpoint import load_model, meta_state, open_checkpoint
 from llama3_dist.generate import SamplingParams, generate
 from llama3_dist.parallel.mesh import Mesh
 
@@ -99,7 +99,7 @@ def test_quantized_gguf_loads_the_dequantized_weights(tmp_path, qtype):
     path = write_gguf(hf, tmp_path / f"m-{qtype}.gguf", qtype=qtype)
     reference = dequantized_reference(path)
     model = our_model(path)
-    params = dict(model.named_parameters())
+    params = dict(meta_state(model))
     for name, want in reference.items():
         assert torch.equal(params[name].data, want), name
     ck = open_checkpoint(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import kernels
 from ..errors import CheckpointError
 from ..model import Transformer
 from ..parallel.mesh import Mesh
@@ -59,13 +60,33 @@ def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: rang
         module = model.get_submodule(module_name)
         # a tied head on a later stage than the embedding reads the embedding's tensor
         source = "tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name
-        spec = getattr(module, "shard", None)
-        t = ckpt.read(source, *spec) if spec is not None else ckpt.read(source)
+        if hasattr(module, "parts"):  # stacked weights (wq|wk|wv, w1|w3): read each part's rows
+            parent = module_name.rpartition(".")[0]
+            source = "|".join(f"{parent}.{part}.weight" for part, _, _ in module.parts)
+            t = torch.cat([ckpt.read(f"{parent}.{part}.weight", 0, start, stop)
+                           for part, _, (start, stop) in module.parts])
+        else:
+            spec = getattr(module, "shard", None)
+            t = ckpt.read(source, *spec) if spec is not None else ckpt.read(source)
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointError(f"{ckpt.path}: {source} slice has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
         setattr(module, leaf, nn.Parameter(t.to(device=mesh.device, dtype=dtype).contiguous(), requires_grad=False))
     model.tie_weights()
+    kernels.load()  # build or load the decode kernel now, not inside the first timed step
     return model.eval()
+
+
+def meta_state(model: nn.Module):
+    """(Meta name, tensor) of every parameter this rank holds, stacked weights split into their parts."""
+    for name, p in model.named_parameters():
+        module_name = name.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        if hasattr(module, "parts"):
+            parent = module_name.rpartition(".")[0]
+            for (part, _, _), w in zip(module.parts, p.split(module.sizes)):
+                yield f"{parent}.{part}.weight", w
+        else:
+            yield name, p
 
 
 def check_shapes(ckpt: Checkpoint) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import linear
 from .comm import Group, all_gather, all_reduce
 
 Span = tuple[int, int]
@@ -66,7 +67,24 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _empty(stop - start, in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """Column-parallel weights that read the same input, stacked: one matmul and one pass over x.
+
+    `parts` lists (checkpoint name, full out_features, this rank's row span) of each stacked weight,
+    so the loader fills the stack from the separate tensors the checkpoint holds.
+    """
+
+    def __init__(self, in_features: int, parts: list[tuple[str, int, Span]], group: Group):
+        super().__init__()
+        self.parts = parts
+        self.sizes = [stop - start for _, _, (start, stop) in parts]
+        self.weight = _empty(sum(self.sizes), in_features)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return linear(x, self.weight).split(self.sizes, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -81,7 +99,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _empty(out_features, stop - start)
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(F.linear(x, self.weight), self.group)
+        return all_reduce(linear(x, self.weight), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -114,4 +132,4 @@ class VocabParallelHead(ColumnParallelLinear):
         self.sizes = [b - a for a, b in even_split(vocab_size, group.size)]
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_gather(F.linear(x, self.weight), self.group, self.sizes, dim=-1)
+        return all_gather(linear(x, self.weight), self.group, self.sizes, dim=-1)
