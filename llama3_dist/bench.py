@@ -106,7 +106,7 @@ def hf_model_from(ckpt_path: str, dtype: torch.dtype):
 def run_ours(args) -> dict:
     from .checkpoint import load_model, open_checkpoint
     from .config import ParallelConfig
-    from .generate import SamplingParams, generate
+    from .generate import SamplingParams, generate, warm_up
     from .parallel.mesh import init_distributed, shutdown
     from .parallel.pipeline import stage_layer_ids
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -115,7 +115,9 @@ def run_ours(args) -> dict:
     model = load_model(ckpt, mesh, DTYPES[args.dtype], stage_layer_ids(ckpt.args, ParallelConfig(), mesh))
     prompts = prompt_ids(ckpt.args.vocab_size, args.batch, args.prompt_len)
     params = SamplingParams(args.new_tokens, temperature=0.0)
-    generate(model, mesh, [p[:16] for p in prompts], SamplingParams(4, temperature=0.0), frozenset())  # warm-up
+    if args.compile:
+        model.compile_decode()
+    warm_up(model, mesh, args.batch, args.prompt_len + args.new_tokens)
     done = generate(model, mesh, prompts, params, frozenset())
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if ckpt.args.tie_embeddings or mesh.world_size > 1:
@@ -236,6 +238,7 @@ def worker(argv: list[str]) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llama_cpp}[args.engine](args)
@@ -262,6 +265,8 @@ def launch(engine: str, ckpt: str, s: Setting, args) -> dict:
     """One worker process (torchrun with 2 ranks x 1 thread for ours-tp2); its BENCH line as a dict."""
     common = ["--checkpoint", ckpt, "--dtype", s.dtype, "--batch", str(s.batch),
               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    if engine.startswith("ours") and not args.eager:
+        common.append("--compile")
     if engine == "ours-tp2":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "llama3_dist.bench", "ours", *common, "--threads", "1"]

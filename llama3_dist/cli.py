@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--timeout", type=float, default=900, help="seconds per engine run")
+    b.add_argument("--eager", action="store_true", help="do not torch.compile our decode step")
     b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
     w = sub.add_parser("world-size", help="print the number of ranks a config needs (tensor x pipeline)")
     w.add_argument("--config")
@@ -159,7 +160,7 @@ def set_threads(threads: int | None) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import default_checkpoint, load_model, open_checkpoint, open_tokenizer
-    from .generate import SamplingParams, check_prompts, generate
+    from .generate import SamplingParams, check_prompts, generate, warm_up
     from .log import peak_rss_bytes, setup_logging
     from .parallel.mesh import init_distributed, shutdown
     from .parallel.pipeline import stage_layer_ids
@@ -199,6 +200,10 @@ def run_generate(args: argparse.Namespace) -> int:
     log.info("stage %d tp-rank %d: layers %d-%d, %.2f GiB of weights, peak RSS %s after loading", mesh.stage,
              mesh.tp.rank, layer_ids.start, layer_ids.stop - 1, weights / 2**30,
              "n/a" if peak is None else f"{peak / 2**30:.2f} GiB")
+    if cfg.runtime.compile:
+        log.info("compiling the decode step with torch.compile (takes a while, once per run)")
+        model.compile_decode()
+        warm_up(model, mesh, len(prompts), max(map(len, prompts)) + gen.max_new_tokens, cfg.parallel.microbatches)
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.seed)
     stream = mesh.is_rank0 and not args.json and len(prompts) == 1
     printer = StreamPrinter(tok) if stream else None

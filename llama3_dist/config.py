@@ -41,6 +41,7 @@ class RuntimeConfig:
     max_batch_size: int = 8
     threads: int | None = None  # torch threads per rank; None: cores / local ranks
     timeout_s: float = 120.0  # collective timeout: a hung peer fails the job instead of hanging it
+    compile: bool = False  # torch.compile the decode step (about a minute of compiling first)
 
 
 @dataclass

@@ -218,6 +218,7 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(args.dim, args.norm_eps)
             self.output = VocabParallelHead(args.dim, args.vocab_size, group)
         self.freqs_cis: Tensor | None = None
+        self.compiled_layers = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -235,6 +236,15 @@ class Transformer(nn.Module):
                 attn.cache = KVCache(batch, attn.n_local_kv_heads, seq_len, attn.head_dim, dtype, device)
         if self.freqs_cis is None or self.freqs_cis.shape[0] < seq_len:
             self.freqs_cis = precompute_freqs_cis(self.args, seq_len).to(device)
+
+    def run_layers(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
+        for layer in self.layers.values():
+            x = layer(x, pos, freqs_cis, mask, rows)
+        return x
+
+    def compile_decode(self) -> None:
+        """Send decode steps (T = 1) through torch.compile, which fuses the small ops between matmuls."""
+        self.compiled_layers = torch.compile(self.run_layers, dynamic=True)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,8 +270,8 @@ class Transformer(nn.Module):
         mask = torch.arange(length, device=pos.device) <= pos.unsqueeze(-1)  # (B, T, S)
         mask = mask.unsqueeze(1)  # (B, 1, T, S): same for every head
         freqs_cis = self.freqs_cis[pos]  # (B, T, hd/2)
-        for layer in self.layers.values():
-            x = layer(x, pos, freqs_cis, mask, rows)
+        run = self.compiled_layers if self.compiled_layers is not None and x.shape[1] == 1 else self.run_layers
+        x = run(x, pos, freqs_cis, mask, rows)
         if not self.mesh.is_pp_last_stage:
             return x
         if last is not None:

@@ -54,12 +54,22 @@ def load() -> object | None:
     return _gemv
 
 
+@torch.library.custom_op("llama3_dist::gemv", mutates_args=())
+def gemv(x: Tensor, w: Tensor) -> Tensor:
+    """x (M, K) @ w (N, K).T with the streaming kernel; an op torch.compile can place in a graph."""
+    return load().gemv(x.contiguous(), w)
+
+
+@gemv.register_fake
+def _(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """x @ w.T (no bias); decode-sized inputs on CPU use the streaming kernel when it is available."""
     rows = x.numel() // x.shape[-1]
     if (rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and w.dtype == x.dtype and w.is_contiguous() and not torch.is_grad_enabled()):
-        kernel = load()
-        if kernel is not None:
-            return kernel.gemv(x.reshape(rows, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
+            and w.dtype == x.dtype and w.is_contiguous() and not torch.is_grad_enabled()
+            and load() is not None):
+        return gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)
