@@ -249,15 +249,23 @@ def worker(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- orchestration
 
-def read_bandwidth(seconds: float = 1.0) -> float:
-    """Bytes/s that `threads` torch threads read from memory (sum over a 512 MiB tensor, best of several)."""
-    x = torch.ones(128 * 2**20, dtype=torch.float32)
-    best, end = 0.0, time.perf_counter() + seconds
-    x.sum()
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+def read_bandwidth(seconds: float = 1.5) -> float:
+    """Best bytes/s seen streaming 1 GiB from memory: torch's sum, and the decode kernel where it is built."""
+    from . import kernels
+    x = torch.ones(256 * 2**20, dtype=torch.float32)
+    readers = [lambda: x.sum()]
+    if kernels.load() is not None:  # the kernel's fp32 and bf16 streams, over the same 1 GiB
+        w32, w16 = x.view(2**16, 2**12), x.view(torch.bfloat16).view(2**16, 2**13)
+        readers += [lambda: kernels.gemv(torch.ones(1, 2**12), w32),
+                    lambda: kernels.gemv(torch.ones(1, 2**13, dtype=torch.bfloat16), w16)]
+    best = 0.0
+    for read in readers:
+        read()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            read()
+            best = max(best, x.numel() * 4 / (time.perf_counter() - t))
     return best
 
 
@@ -304,10 +312,10 @@ def have_llama_cpp() -> bool:
 
 def run_bench(args) -> list[dict]:
     torch.set_num_threads(args.threads)
-    bandwidth = read_bandwidth()
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         for s in settings(args.quick):
+            bandwidth = read_bandwidth()  # per setting: it drifts during a run on a shared machine
             results = {}
             for engine in s.engines:
                 if engine == "llama.cpp" and not have_llama_cpp():
@@ -358,7 +366,8 @@ def table(rows: list[dict]) -> str:
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
     if rows:
-        lines.append(f"read bandwidth measured in this run: {rows[0]['bandwidth_gb_s']:.1f} GB/s")
+        gbs = ", ".join(f"{r['bandwidth_gb_s']:.1f}" for r in rows)
+        lines.append(f"read bandwidth measured before each setting (GB/s): {gbs}")
     return "\n".join(lines)
 
 

@@ -167,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     mesh = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.backend,
-                            cfg.runtime.device, cfg.runtime.timeout_s)
+                            cfg.runtime.device, cfg.runtime.timeout_s, cfg.parallel.collectives)
     setup_logging(mesh.rank, args.verbose)
     set_threads(cfg.runtime.threads)
     if cfg.model.preset is not None and cfg.model.checkpoint is None:

@@ -31,6 +31,7 @@ class ParallelConfig:
     microbatches: int = 1
     stage_layers: list[int] | None = None  # layers per stage; None: balance by weight bytes
     backend: str = "auto"  # auto | gloo | nccl
+    collectives: str = "auto"  # auto | shm | backend: shm = shared memory between CPU ranks of one host
 
 
 @dataclass
@@ -71,6 +72,9 @@ class Config:
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+        _choice("parallel.collectives", p.collectives, ("auto", "shm", "backend"))
+        if p.collectives == "shm" and r.device != "cpu":
+            raise ConfigError("parallel.collectives: shm is for CPU ranks; use auto or backend on CUDA")
         _choice("runtime.dtype", r.dtype, ("float32", "bfloat16"))
         _choice("runtime.device", r.device, ("cpu", "cuda"))
         if p.backend == "nccl" and r.device != "cuda":

@@ -91,7 +91,7 @@ class Sampler:
             nxt = sample(logits[:, -1], self.params, self.generator)
         else:
             nxt = torch.empty(tokens.shape[0], dtype=torch.long, device=self.mesh.device)
-        return broadcast(nxt, self.mesh.sampler_rank)  # (B,)
+        return broadcast(nxt, self.mesh.sampler_rank, self.mesh.world)  # (B,)
 
 
 def warm_up(model: Transformer, mesh: Mesh, batch: int, seq_len: int, microbatches: int = 1) -> None:

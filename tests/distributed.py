@@ -12,7 +12,7 @@ from datetime import timedelta
 TIMEOUT_S = 240.0
 
 
-def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, int], args, results) -> None:
+def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, int, bool], args, results) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"})
     try:
@@ -24,7 +24,7 @@ def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, i
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=60))
-        mesh = build_mesh(layout[0], layout[1], torch.device("cpu"))
+        mesh = build_mesh(layout[0], layout[1], torch.device("cpu"), shm=layout[2], timeout_s=60)
         results.put((rank, True, fn(mesh, *args)))
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report every failure to the parent
@@ -32,8 +32,10 @@ def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, i
 
 
 def run_ranks(fn, world_size: int, *args, tensor: int | None = None, pipeline: int = 1,
-              timeout: float = TIMEOUT_S, outcomes: bool = False) -> list:
+              timeout: float = TIMEOUT_S, outcomes: bool = False, shm: bool = False) -> list:
     """fn(mesh, *args) on `world_size` gloo ranks (tensor x pipeline); returns each rank's result.
+
+    shm=True gives the tensor-parallel groups the shared-memory collectives (parallel.collectives=shm).
 
     By default the first failing rank's traceback is raised at once. With outcomes=True every rank
     is waited for and (ok, result-or-traceback, seconds) is returned per rank instead.
@@ -44,7 +46,7 @@ def run_ranks(fn, world_size: int, *args, tensor: int | None = None, pipeline: i
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, (tensor, pipeline), args, results))
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, (tensor, pipeline, shm), args, results))
                  for r in range(world_size)]
         for p in procs:
             p.start()

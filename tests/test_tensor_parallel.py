@@ -99,3 +99,49 @@ def test_tp2_loads_about_half_the_memory_per_rank(tmp_path):
     for tp2_peak, tp2_params in run_ranks(_load_peak_mib, 2, path):
         assert tp2_params < 0.55 * tp1_params
         assert tp2_peak < 0.75 * tp1_peak, (tp2_peak, tp1_peak)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_shared_memory_collectives_match_tp1_and_agree_bitwise(tmp_path, tp):
+    hf = random_model(tiny_config(num_attention_heads=9, num_key_value_heads=3, hidden_size=72,
+                                  intermediate_size=200, vocab_size=250), seed=25)
+    path = write_hf(hf, tmp_path / "hf")
+    want_logits, want_tokens = logits_and_tokens(Mesh.single(), str(path))
+    results = run_ranks(logits_and_tokens, tp, str(path), shm=True)
+    for logits, tokens in results:
+        assert (logits - want_logits).abs().max().item() <= TOL
+        assert tokens == want_tokens
+    assert all(torch.equal(results[0][0], r[0]) for r in results)  # one summation order on every rank
+
+
+def _shm_collectives(mesh: Mesh):
+    from llama3_dist.parallel.comm import all_gather, all_reduce, broadcast
+    r, n = mesh.tp.rank, mesh.tp.size
+    summed = all_reduce(torch.full((3, 5), float(r + 1)), mesh.tp)
+    big = all_reduce(torch.ones(2_000_000), mesh.tp)  # larger than a slot: goes through gloo
+    gathered = all_gather(torch.full((2, r + 1), float(r)), mesh.tp, [i + 1 for i in range(n)], dim=-1)
+    tokens = broadcast(torch.arange(4) * (r + 7), mesh.world.ranks[-1], mesh.world)
+    return summed, big[:3], gathered, tokens
+
+
+def test_shared_memory_collective_results():
+    n = 3
+    for summed, big, gathered, tokens in run_ranks(_shm_collectives, n, shm=True):
+        assert torch.equal(summed, torch.full((3, 5), float(sum(range(1, n + 1)))))
+        assert torch.equal(big, torch.full((3,), float(n)))
+        assert torch.equal(gathered, torch.cat([torch.full((2, r + 1), float(r)) for r in range(n)], dim=-1))
+        assert torch.equal(tokens, torch.arange(4) * (n - 1 + 7))
+
+
+def _die_in_shm(mesh: Mesh):
+    from llama3_dist.parallel.comm import all_reduce
+    all_reduce(torch.ones(4), mesh.tp)
+    if mesh.rank == 1:
+        raise RuntimeError("injected failure on rank 1")
+    all_reduce(torch.ones(4), mesh.tp)  # rank 0 waits for a peer that is gone
+
+
+def test_shared_memory_notices_a_dead_peer():
+    (ok0, err0, t0), (ok1, err1, _) = run_ranks(_die_in_shm, 2, shm=True, outcomes=True, timeout=60)
+    assert not ok1 and "injected failure" in err1
+    assert not ok0 and "has exited" in err0 and t0 < 30

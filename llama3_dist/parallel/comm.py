@@ -1,7 +1,7 @@
 """Collectives over a `Group`; every one is a no-op when the group has a single rank."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -15,25 +15,34 @@ class Group:
     rank: int = 0
     size: int = 1
     ranks: tuple[int, ...] = (0,)
-    pg: dist.ProcessGroup | None = None
+    pg: dist.ProcessGroup | None = None  # None with size > 1: the default (world) group
+    shm: object | None = field(default=None, compare=False)  # ShmCollectives when on one host
 
     @classmethod
     def single(cls, global_rank: int = 0) -> "Group":
         return cls(0, 1, (global_rank,), None)
 
 
+@torch.compiler.disable  # a collective is a sync point: torch.compile leaves it alone
 def all_reduce(x: Tensor, group: Group) -> Tensor:
     """Sum x over the group, in place; returns x."""
-    if group.size > 1:
-        dist.all_reduce(x, group=group.pg)
+    if group.size == 1:
+        return x
+    if group.shm is not None and group.shm.fits(x):
+        return group.shm.all_reduce(x)
+    dist.all_reduce(x, group=group.pg)
     return x
 
 
+@torch.compiler.disable  # a collective is a sync point: torch.compile leaves it alone
 def all_gather(x: Tensor, group: Group, sizes: list[int], dim: int = -1) -> Tensor:
     """Concatenate every rank's x along dim; rank r contributes sizes[r] entries (uneven is fine)."""
     if group.size == 1:
         return x
     dim = dim % x.dim()
+    if group.shm is not None and group.shm.fits(x.narrow(dim, 0, 1).expand(
+            *x.shape[:dim], max(sizes), *x.shape[dim + 1:])):
+        return group.shm.all_gather(x, sizes, dim)
     width = max(sizes)
     if x.shape[dim] < width:  # gloo needs equal sizes: pad, gather, trim
         pad = list(x.shape)
@@ -44,13 +53,14 @@ def all_gather(x: Tensor, group: Group, sizes: list[int], dim: int = -1) -> Tens
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
 
 
-def broadcast(x: Tensor, src: int, group: Group | None = None) -> Tensor:
-    """Overwrite x with global rank src's x, in place, on every rank of the group (default: world)."""
-    if group is None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast(x, src)
-    elif group.size > 1:
-        dist.broadcast(x, src, group=group.pg)
+@torch.compiler.disable  # a collective is a sync point: torch.compile leaves it alone
+def broadcast(x: Tensor, src: int, group: Group) -> Tensor:
+    """Overwrite x with global rank src's x, in place, on every rank of the group."""
+    if group.size == 1:
+        return x
+    if group.shm is not None and group.shm.fits(x):
+        return group.shm.broadcast(x, group.ranks.index(src))
+    dist.broadcast(x, src, group=group.pg)
     return x
 
 

@@ -5,6 +5,7 @@ group are consecutive (on one node under torchrun) and pipeline neighbours are `
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from .comm import Group
+from .shm import SHM_DIR, ShmCollectives
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Mesh:
     tp: Group
     pp: Group
     device: torch.device
+    world: Group = Group.single()
 
     @classmethod
     def single(cls, device: str | torch.device = "cpu") -> "Mesh":
@@ -82,8 +85,12 @@ def resolve_backend(backend: str, device: str) -> str:
 
 
 def init_distributed(tensor: int, pipeline: int, backend: str = "auto", device: str = "cpu",
-                     timeout_s: float = 120.0) -> Mesh:
-    """Join the torchrun job (if any) and build the tensor/pipeline groups; single-process: no-op."""
+                     timeout_s: float = 120.0, collectives: str = "auto") -> Mesh:
+    """Join the torchrun job (if any) and build the tensor/pipeline groups; single-process: no-op.
+
+    collectives: 'shm' runs small collectives through shared memory (CPU ranks on one host),
+    'gloo'/'nccl' through the backend only, 'auto' picks shm when every rank is on this host.
+    """
     rank, world_size, local_rank = world_from_env()
     check_layout(tensor, pipeline, world_size)
     if device == "cuda":
@@ -98,11 +105,21 @@ def init_distributed(tensor: int, pipeline: int, backend: str = "auto", device: 
     backend = resolve_backend(backend, device)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return build_mesh(tensor, pipeline, dev)
+    if collectives == "auto":
+        one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size
+        collectives = "shm" if device == "cpu" and one_host and SHM_DIR.is_dir() else backend
+    elif collectives == "shm" and device != "cpu":
+        raise ConfigError("parallel.collectives: shm is for CPU ranks; use auto or nccl on CUDA")
+    return build_mesh(tensor, pipeline, dev, shm=collectives == "shm", timeout_s=timeout_s)
 
 
-def build_mesh(tensor: int, pipeline: int, device: torch.device) -> Mesh:
-    """Create every tp and pp group (all ranks must call new_group for all groups, in order)."""
+def build_mesh(tensor: int, pipeline: int, device: torch.device, shm: bool = False,
+               timeout_s: float = 120.0) -> Mesh:
+    """Create every tp and pp group (all ranks must call new_group for all groups, in order).
+
+    With shm, the tensor-parallel group (and the world, when it is that same group) gets a
+    shared-memory fast path for its small collectives.
+    """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     check_layout(tensor, pipeline, world_size)
     tp = pp = None
@@ -116,7 +133,10 @@ def build_mesh(tensor: int, pipeline: int, device: torch.device) -> Mesh:
         pg = dist.new_group(list(ranks)) if pipeline > 1 else None
         if rank in ranks:
             pp = Group(ranks.index(rank), pipeline, ranks, pg)
-    return Mesh(rank, world_size, tp, pp, device)
+    if shm and tensor > 1:
+        tp = dataclasses.replace(tp, shm=ShmCollectives(tp.rank, tensor, tp.pg, timeout_s))
+    world = Group(rank, world_size, tuple(range(world_size)), None, tp.shm if pipeline == 1 else None)
+    return Mesh(rank, world_size, tp, pp, device, world)
 
 
 def shutdown() -> None:
