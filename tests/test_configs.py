@@ -103,6 +103,8 @@ def _rss_after_load(mesh, path: str, batch: int, seq_len: int):
         line = next(x for x in open("/proc/self/status") if x.startswith("VmRSS:"))
         return int(line.split()[1]) * 1024
 
+    from llama3_dist import kernels
+    kernels.load()  # a one-time library load (the JIT toolchain), not model memory
     before = rss()
     ckpt = open_checkpoint(path)
     from llama3_dist.config import ParallelConfig
