@@ -14,6 +14,7 @@ from checkpoints import random_model, tiny_config, write_gguf
 from distributed import run_ranks
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
+from llama3_dist.checkpoint.base import trim_heap
 from llama3_dist.checkpoint.synthetic import PRESETS, preset_args, write_random_meta
 from llama3_dist.cli import main
 from llama3_dist.config import ConfigError, load_config
@@ -113,6 +114,7 @@ def _rss_after_load(mesh, path: str, batch: int, seq_len: int):
     for cache in (b.attention.cache for b in model.layers.values()):
         cache.k.fill_(1.0)  # touch the cache so it is resident, as it is after a long generation
         cache.v.fill_(1.0)
+    trim_heap()  # count live memory, not chunks the allocator keeps after the load's copies
     return rss() - before
 
 

@@ -16,7 +16,7 @@ from .. import kernels
 from ..errors import CheckpointError
 from ..model import Transformer
 from ..parallel.mesh import Mesh
-from .base import Checkpoint, expected_shapes
+from .base import Checkpoint, expected_shapes, trim_heap
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -72,6 +72,7 @@ def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: rang
             raise CheckpointError(f"{ckpt.path}: {source} slice has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
         setattr(module, leaf, nn.Parameter(t.to(device=mesh.device, dtype=dtype).contiguous(), requires_grad=False))
     model.tie_weights()
+    trim_heap()
     kernels.load()  # build or load the decode kernel now, not inside the first timed step
     return model.eval()
 

@@ -97,3 +97,10 @@ def copy_out(src: Tensor, chunk_bytes: int = 16 << 20) -> Tensor:
         end = block[-1].data_ptr() + (block[-1].numel() and row_bytes)  # rows share one stride
         release_pages(block.data_ptr(), end - block.data_ptr())
     return out
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed chunks below its mmap threshold,
+    which a load's transient copies raise, so without this RSS stays above the live weights)."""
+    if _libc is not None and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
