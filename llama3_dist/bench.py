@@ -208,21 +208,27 @@ def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
 
 
 def run_llama_cpp(args) -> dict:
+    import numpy as np
     from llama_cpp import Llama
     llm = Llama(model_path=args.checkpoint, n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
                 n_threads_batch=args.threads, n_batch=512, verbose=False)
-    ids = prompt_ids(llm.n_vocab(), 1, args.prompt_len)[0]
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:  # the last evaluated position's logits (llama.cpp computes only those)
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,)).argmax())
+
+    ids = prompt_ids(n_vocab, 1, args.prompt_len)[0]
     llm.eval(ids[:16])  # warm-up
     llm.reset()
     start = time.perf_counter()
     llm.eval(ids)
-    nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+    nxt = next_token()
     prefill = time.perf_counter() - start
     tokens = [nxt]
     start = time.perf_counter()
     for _ in range(args.new_tokens - 1):
         llm.eval([nxt])
-        nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+        nxt = next_token()
         tokens.append(nxt)
     decode = time.perf_counter() - start
     return {"prefill_ms": prefill * 1e3, "decode_tok_s": (args.new_tokens - 1) / decode, "tokens": [tokens],
