@@ -64,11 +64,6 @@ def broadcast(x: Tensor, src: int, group: Group) -> Tensor:
     return x
 
 
-def send(x: Tensor, dst: int) -> None:
-    """Blocking point-to-point send to global rank dst."""
-    dist.send(x.contiguous(), dst)
-
-
 def recv(x: Tensor, src: int) -> Tensor:
     """Blocking point-to-point receive from global rank src into x."""
     dist.recv(x, src)
@@ -78,8 +73,3 @@ def recv(x: Tensor, src: int) -> Tensor:
 def isend(x: Tensor, dst: int) -> dist.Work:
     """Non-blocking send; wait() on the handle before reusing x."""
     return dist.isend(x.contiguous(), dst)
-
-
-def irecv(x: Tensor, src: int) -> dist.Work:
-    """Non-blocking receive into x; wait() on the handle before reading x."""
-    return dist.irecv(x, src)
