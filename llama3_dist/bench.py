@@ -59,6 +59,7 @@ def hf_model_from(ckpt_path: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .checkpoint import load_model, open_checkpoint
+    from .checkpoint.hf import meta_to_hf_rows
     from .parallel.mesh import Mesh
     ours = load_model(open_checkpoint(ckpt_path), Mesh.single(), dtype)
     a = ours.args
@@ -78,10 +79,6 @@ def hf_model_from(ckpt_path: str, dtype: torch.dtype):
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         hf = LlamaForCausalLM(cfg)
-    hd = a.hd
-
-    def permute(w, n):  # Meta interleaved rotary rows -> HF rotate-half rows, head by head
-        return w.view(n, hd // 2, 2, w.shape[1]).transpose(1, 2).reshape(n * hd, w.shape[1])
 
     sd = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight}
     if not a.tie_embeddings:
@@ -90,8 +87,8 @@ def hf_model_from(ckpt_path: str, dtype: torch.dtype):
         p, at, ff = f"model.layers.{i}.", layer.attention, layer.feed_forward
         wq, wk, wv = at.wqkv.weight.split(at.wqkv.sizes)
         w1, w3 = ff.w13.weight.split(ff.w13.sizes)
-        sd.update({p + "self_attn.q_proj.weight": permute(wq, a.n_heads),
-                   p + "self_attn.k_proj.weight": permute(wk, a.n_kv_heads),
+        sd.update({p + "self_attn.q_proj.weight": meta_to_hf_rows(wq, a.n_heads),
+                   p + "self_attn.k_proj.weight": meta_to_hf_rows(wk, a.n_kv_heads),
                    p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": at.wo.weight,
                    p + "mlp.gate_proj.weight": w1, p + "mlp.up_proj.weight": w3,
                    p + "mlp.down_proj.weight": ff.w2.weight, p + "input_layernorm.weight": layer.attention_norm.weight,
@@ -164,6 +161,7 @@ def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
     import numpy as np
 
     from .checkpoint import load_model, meta_state, open_checkpoint
+    from .checkpoint.gguf import gguf_name
     from .parallel.mesh import Mesh
     ckpt = open_checkpoint(ckpt_path)
     a = ckpt.args
@@ -183,17 +181,8 @@ def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(key, value, vtype, sub_type=sub)
-    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
-    layer_names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
-                   "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
-                   "feed_forward.w2": "ffn_down", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
     for name, p in meta_state(model):
-        stem = name.removesuffix(".weight")
-        if stem.startswith("layers."):
-            _, i, rest = stem.split(".", 2)
-            gname = f"blk.{i}.{layer_names[rest]}.weight"
-        else:
-            gname = f"{names[stem]}.weight"
+        gname = gguf_name(name)
         data = p.detach().numpy().astype(np.float32)
         if dtype == "bfloat16" and data.ndim == 2:
             w.add_tensor(gname, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),

@@ -61,10 +61,9 @@ def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: rang
         # a tied head on a later stage than the embedding reads the embedding's tensor
         source = "tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name
         if hasattr(module, "parts"):  # stacked weights (wq|wk|wv, w1|w3): read each part's rows
-            parent = module_name.rpartition(".")[0]
-            source = "|".join(f"{parent}.{part}.weight" for part, _, _ in module.parts)
-            t = torch.cat([ckpt.read(f"{parent}.{part}.weight", 0, start, stop)
-                           for part, _, (start, stop) in module.parts])
+            names = part_names(module_name, module)
+            source = "|".join(names)
+            t = torch.cat([ckpt.read(n, 0, start, stop) for n, (_, _, (start, stop)) in zip(names, module.parts)])
         else:
             spec = getattr(module, "shard", None)
             t = ckpt.read(source, *spec) if spec is not None else ckpt.read(source)
@@ -77,15 +76,19 @@ def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: rang
     return model.eval()
 
 
+def part_names(module_name: str, module: nn.Module) -> list[str]:
+    """Meta names of the weights stacked in a MergedColumnParallelLinear (attention.wqkv -> attention.wq ...)."""
+    parent = module_name.rpartition(".")[0]
+    return [f"{parent}.{part}.weight" for part, _, _ in module.parts]
+
+
 def meta_state(model: nn.Module):
     """(Meta name, tensor) of every parameter this rank holds, stacked weights split into their parts."""
     for name, p in model.named_parameters():
         module_name = name.rpartition(".")[0]
         module = model.get_submodule(module_name)
         if hasattr(module, "parts"):
-            parent = module_name.rpartition(".")[0]
-            for (part, _, _), w in zip(module.parts, p.split(module.sizes)):
-                yield f"{parent}.{part}.weight", w
+            yield from zip(part_names(module_name, module), p.split(module.sizes))
         else:
             yield name, p
 

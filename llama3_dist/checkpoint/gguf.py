@@ -25,8 +25,19 @@ NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "outpu
 LAYER_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
                "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
                "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+_GGUF_TOP = {meta: g for g, meta in NAMES.items()}
+_GGUF_LAYER = {meta: g for g, meta in LAYER_NAMES.items()}
 BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
 ROPE_FREQS = "rope_freqs.weight"
+
+
+def gguf_name(meta: str) -> str:
+    """Meta name -> llama.cpp tensor name (the inverse of meta_name)."""
+    stem = meta.removesuffix(".weight")
+    if stem.startswith("layers."):
+        _, i, rest = stem.split(".", 2)
+        return f"blk.{i}.{_GGUF_LAYER[rest]}.weight"
+    return f"{_GGUF_TOP[stem]}.weight"
 
 
 def meta_name(gguf_name: str) -> str:

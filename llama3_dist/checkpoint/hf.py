@@ -40,6 +40,18 @@ def meta_name(hf: str) -> str | None:
     return None if hf.endswith("rotary_emb.inv_freq") else hf
 
 
+def hf_to_meta_rows(w: Tensor, n_heads: int) -> Tensor:
+    """HF rotate-half rows of wq/wk -> Meta's interleaved (real, imag) rows, head by head."""
+    hd = w.shape[0] // n_heads
+    return w.view(n_heads, 2, hd // 2, w.shape[1]).transpose(1, 2).reshape(n_heads * hd, w.shape[1])
+
+
+def meta_to_hf_rows(w: Tensor, n_heads: int) -> Tensor:
+    """The inverse of hf_to_meta_rows."""
+    hd = w.shape[0] // n_heads
+    return w.view(n_heads, hd // 2, 2, w.shape[1]).transpose(1, 2).reshape(n_heads * hd, w.shape[1])
+
+
 def config_to_args(cfg: dict) -> ModelArgs:
     """config.json of a LlamaForCausalLM -> ModelArgs (rope scaling from rope_scaling/rope_parameters)."""
     if cfg.get("model_type", "llama") != "llama":
@@ -179,8 +191,8 @@ class HFCheckpoint(Checkpoint):
             raise CheckpointError(f"{name}: slice [{start}, {stop}) is not head-aligned")
         if dim in (None, 0):  # whole heads: read them, then un-permute within each head
             t = file.read(hf_name, dim, start, stop)
-            return self._unpermute(t, t.shape[0] // hd)
-        t = self._unpermute(file.read(hf_name, None, 0, None), heads)
+            return hf_to_meta_rows(t, t.shape[0] // hd)
+        t = hf_to_meta_rows(file.read(hf_name, None, 0, None), heads)
         stop = t.shape[dim] if stop is None else stop
         return t.narrow(dim, start, stop - start).clone()
 
@@ -191,11 +203,6 @@ class HFCheckpoint(Checkpoint):
         if name.endswith("attention.wk.weight"):
             return self.args.n_kv_heads
         return 0
-
-    def _unpermute(self, w: Tensor, n_heads: int) -> Tensor:
-        """HF rotate-half rows -> Meta interleaved rows, head by head."""
-        hd = self.args.hd
-        return w.view(n_heads, 2, hd // 2, w.shape[1]).transpose(1, 2).reshape(n_heads * hd, w.shape[1])
 
     def tokenizer(self):
         from ..tokenizer import hf_tokenizer
