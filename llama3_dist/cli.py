@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--timeout", type=float, default=900, help="seconds per engine run")
     b.add_argument("--eager", action="store_true", help="do not torch.compile our decode step")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: Llama-3-8B-shaped random weights on the GPU, ours vs transformers")
+    b.add_argument("--gpt-fast", metavar="DIR", help="with --device cuda: also time gpt-fast from this checkout")
     b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
     w = sub.add_parser("world-size", help="print the number of ranks a config needs (tensor x pipeline)")
     w.add_argument("--config")
@@ -203,6 +206,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if cfg.runtime.compile:
         log.info("compiling the decode step with torch.compile (takes a while, once per run)")
         model.compile_decode()
+    if cfg.runtime.cuda_graphs and mesh.device.type == "cuda":
+        model.use_cuda_graphs()
+    if cfg.runtime.compile or model.decode_graphs is not None:
         warm_up(model, mesh, len(prompts), max(map(len, prompts)) + gen.max_new_tokens, cfg.parallel.microbatches)
     params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.seed)
     stream = mesh.is_rank0 and not args.json and len(prompts) == 1

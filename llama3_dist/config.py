@@ -43,6 +43,7 @@ class RuntimeConfig:
     threads: int | None = None  # torch threads per rank; None: cores / local ranks
     timeout_s: float = 120.0  # collective timeout: a hung peer fails the job instead of hanging it
     compile: bool = False  # torch.compile the decode step (about a minute of compiling first)
+    cuda_graphs: bool = True  # on CUDA, replay each decode step from a CUDA graph (no effect on CPU)
 
 
 @dataclass

@@ -123,13 +123,14 @@ def generate(model: Transformer, mesh: Mesh, prompts: list[list[int]], params: S
 
     start = time.perf_counter()
     nxt = step(tokens, torch.arange(T, device=device).expand(B, T), last=lens - 1)
+    ids = nxt.tolist()  # on a GPU this waits for the prefill to finish
     prefill_s = time.perf_counter() - start
 
     out: list[list[int]] = [[] for _ in prompts]
     reason: list[str | None] = [None] * B
     decode_start = time.perf_counter()
     for i in range(params.max_new_tokens):
-        for b, tok in enumerate(nxt.tolist()):
+        for b, tok in enumerate(ids):
             if reason[b] is not None:
                 continue
             if tok in stop_ids:
@@ -147,6 +148,7 @@ def generate(model: Transformer, mesh: Mesh, prompts: list[list[int]], params: S
         if all(r is not None for r in reason):
             break
         nxt = step(nxt.unsqueeze(1), (lens + i).unsqueeze(1))  # each row at its own position
+        ids = nxt.tolist()
     decode_s = time.perf_counter() - decode_start
     steps = i  # decode forward passes run after the prefill
     rate = steps / decode_s if steps and decode_s > 0 else 0.0

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cuda_graphs import DecodeGraphs
 from .parallel.comm import Group
 from .parallel.layers import (MergedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                               VocabParallelHead, even_split, head_spans)
@@ -87,10 +88,16 @@ def precompute_freqs_cis(args: ModelArgs, end: int) -> Tensor:
 
 
 def apply_rotary(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate each (even, odd) pair of x as a complex number. x: (B, T, H, hd); freqs_cis: (B, T, hd/2)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, hd/2)
-    out = torch.view_as_real(xc * freqs_cis.unsqueeze(2)).flatten(3)
-    return out.type_as(x)
+    """Rotate each (even, odd) pair of x as the complex number x0 + i x1, times e^(i pos freq).
+
+    x: (B, T, H, hd); freqs_cis: (B, T, hd/2, 2), the complex factors as (real, imag) pairs
+    (torch.view_as_real). The product (x0 + i x1)(c + i s) = (x0 c - x1 s) + i (x0 s + x1 c) is
+    written out in real arithmetic, which torch.compile can fuse (it does not generate complex code);
+    in eager mode it equals view_as_complex(x) * freqs_cis bit for bit.
+    """
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, hd/2) each
+    c, s = freqs_cis.unsqueeze(2).unbind(-1)  # (B, T, 1, hd/2): same rotation for every head
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(3).type_as(x)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -219,7 +226,8 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(args.dim, args.norm_eps)
             self.output = VocabParallelHead(args.dim, args.vocab_size, group)
         self.freqs_cis: Tensor | None = None
-        self.compiled_layers = None
+        self.compiled_layers = self.compiled_block = None
+        self.decode_graphs: DecodeGraphs | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -235,6 +243,8 @@ class Transformer(nn.Module):
             c = attn.cache
             if c is None or c.k.shape[0] < batch or c.k.shape[2] < seq_len or c.k.dtype != dtype:
                 attn.cache = KVCache(batch, attn.n_local_kv_heads, seq_len, attn.head_dim, dtype, device)
+                if self.decode_graphs is not None:
+                    self.decode_graphs.reset()  # captured graphs read the old cache tensors
         if self.freqs_cis is None or self.freqs_cis.shape[0] < seq_len:
             self.freqs_cis = precompute_freqs_cis(self.args, seq_len).to(device)
 
@@ -244,8 +254,40 @@ class Transformer(nn.Module):
         return x
 
     def compile_decode(self) -> None:
-        """Send decode steps (T = 1) through torch.compile, which fuses the small ops between matmuls."""
-        self.compiled_layers = torch.compile(self.run_layers, dynamic=True)
+        """Send decode steps (T = 1) through torch.compile, which fuses the small ops between matmuls.
+
+        Without CUDA graphs the whole layer stack is one compiled graph, so no Python runs between
+        layers. Under CUDA graphs Python costs nothing per step, so the layers, which differ only
+        in their tensors, share one compiled block: compiling then takes one layer's time.
+        Fused kernels round to the model's dtype wherever the eager ops do
+        (emulate_precision_casts), so bfloat16 gives the eager tokens. On CPU the stack also gets
+        inductor's C++ wrapper, which calls its kernels without Python in between (compiling then
+        takes about a minute longer on two cores).
+        """
+        options = {"emulate_precision_casts": True}
+        stack_options = {**options, "cpp_wrapper": self.device.type == "cpu"}
+        self.compiled_layers = torch.compile(self.run_layers, dynamic=True, options=stack_options)
+        self.compiled_block = torch.compile(TransformerBlock.forward, dynamic=True, options=options)
+
+    def decode_layers(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
+        """The layers of a decode step: compiled when compile_decode() was called."""
+        if self.compiled_layers is None:
+            return self.run_layers(x, pos, freqs_cis, mask, rows)
+        if self.decode_graphs is None:
+            return self.compiled_layers(x, pos, freqs_cis, mask, rows)
+        for layer in self.layers.values():
+            x = self.compiled_block(layer, x, pos, freqs_cis, mask, rows)
+        return x
+
+    def use_cuda_graphs(self) -> None:
+        """Replay decode steps from CUDA graphs (one launch per step instead of one per kernel)."""
+        if self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.decode_graphs = DecodeGraphs(self.decode_layers)
+
+    @property
+    def cache_len(self) -> int:
+        return next(iter(self.layers.values())).attention.cache.k.shape[2]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -265,14 +307,19 @@ class Transformer(nn.Module):
         rows = slice(0, x.shape[0]) if rows is None else rows
         if self.mesh.is_pp_first_stage:
             x = self.tok_embeddings(x)  # (B, T, dim)
-        length = int(pos.max()) + 1
+        decode = x.shape[1] == 1
+        graphed = decode and self.decode_graphs is not None
+        # Keys up to the furthest position, or (a CUDA graph needs fixed shapes) the whole cache.
+        length = self.cache_len if graphed else int(pos.max()) + 1
         # Query at position p sees cached keys at positions <= p; the pad rows of a ragged batch
         # are never read, because a row's own next token overwrites them before its mask reaches them.
         mask = torch.arange(length, device=pos.device) <= pos.unsqueeze(-1)  # (B, T, S)
         mask = mask.unsqueeze(1)  # (B, 1, T, S): same for every head
-        freqs_cis = self.freqs_cis[pos]  # (B, T, hd/2)
-        run = self.compiled_layers if self.compiled_layers is not None and x.shape[1] == 1 else self.run_layers
-        x = run(x, pos, freqs_cis, mask, rows)
+        freqs_cis = torch.view_as_real(self.freqs_cis[pos])  # (B, T, hd/2, 2)
+        if graphed:
+            x = self.decode_graphs(x, pos, freqs_cis, mask, rows=rows)
+        else:
+            x = (self.decode_layers if decode else self.run_layers)(x, pos, freqs_cis, mask, rows)
         if not self.mesh.is_pp_last_stage:
             return x
         if last is not None:

@@ -43,3 +43,11 @@ def test_bench_smoke_run_ours_and_transformers_agree():
     assert hf["same_tokens"] is True  # same weights, same prompt ids, greedy: the same tokens
     text = table([row])
     assert "ours/peer decode" in text and "transformers" in text and "GB/s" in text
+
+
+def test_bench_on_cuda_without_a_gpu_is_one_clear_error(capsys, monkeypatch):
+    from llama3_dist.cli import main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    assert main(["bench", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: bench --device cuda: CUDA is not available here; run it on a GPU machine"]

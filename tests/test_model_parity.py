@@ -152,3 +152,67 @@ def test_bfloat16_runs_close_to_float32(tmp_path):
     low = our_logits(half, tokens)
     assert low.dtype == torch.float32
     assert (low - full).abs().max().item() < 0.25 * full.abs().max().item()
+
+
+class WholeCacheSteps:
+    """DecodeGraphs' contract without a GPU: records that each decode step saw the whole cache."""
+
+    def __init__(self, model):
+        self.model, self.lengths = model, []
+
+    def __call__(self, x, pos, freqs_cis, mask, rows):
+        self.lengths.append(mask.shape[-1])
+        return self.model.decode_layers(x, pos, freqs_cis, mask, rows)
+
+    def reset(self):
+        pass
+
+
+def test_fixed_shape_decode_steps_give_the_same_tokens(tmp_path):
+    """A CUDA-graphed step attends over the whole cache under the mask; the tokens must not change."""
+    hf = random_model(tiny_config(), seed=12)
+    model = our_model(write_meta(hf, tmp_path / "m"))
+    batch = [[3, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 14]]  # ragged: pad slots lie inside the mask's reach
+    want = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    model.decode_graphs = steps = WholeCacheSteps(model)
+    got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    assert got == want
+    assert steps.lengths and set(steps.lengths) == {model.cache_len}
+
+
+def test_cuda_graphs_need_a_cuda_model(tmp_path):
+    model = our_model(write_meta(random_model(tiny_config(), seed=13), tmp_path / "m"))
+    with pytest.raises(ValueError, match="CUDA"):
+        model.use_cuda_graphs()
+
+
+def test_random_checkpoint_is_the_same_model_at_every_layout():
+    from llama3_dist.checkpoint.synthetic import RandomCheckpoint
+    from llama3_dist.model import ModelArgs
+    from llama3_dist.parallel.comm import Group
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
+    ckpt = RandomCheckpoint(args, seed=1)
+    assert ckpt.read("layers.1.feed_forward.w2.weight").shape == (64, 160)
+    assert torch.equal(ckpt.read("layers.1.feed_forward.w2.weight", 1, 80, 160),
+                       ckpt.read("layers.1.feed_forward.w2.weight")[:, 80:])
+    assert not torch.equal(ckpt.read("layers.1.attention.wq.weight"), RandomCheckpoint(args, seed=2).read(
+        "layers.1.attention.wq.weight"))
+    full = load_model(ckpt, Mesh.single(), torch.float32)
+    for rank in range(2):  # each tensor-parallel rank holds its rows of the one model
+        tp = Group(rank, 2, (0, 1))
+        part = load_model(ckpt, Mesh(rank, 2, tp, Group.single(rank), torch.device("cpu")), torch.float32)
+        q = full.layers["0"].attention.wqkv.weight[rank * 32:(rank + 1) * 32]
+        assert torch.equal(part.layers["0"].attention.wqkv.weight[:32], q)
+        assert torch.equal(part.layers["1"].feed_forward.w2.weight,
+                           full.layers["1"].feed_forward.w2.weight[:, rank * 80:(rank + 1) * 80])
+    with pytest.raises(Exception, match="no tokenizer"):
+        ckpt.tokenizer()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_gives_the_eager_tokens(tmp_path, dtype):
+    model = our_model(write_meta(random_model(tiny_config(), seed=14), tmp_path / "m"), dtype)
+    batch = [[3, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 14]]
+    eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    model.compile_decode()
+    assert [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())] == eager

@@ -114,6 +114,20 @@ def test_shared_memory_collectives_match_tp1_and_agree_bitwise(tmp_path, tp):
     assert all(torch.equal(results[0][0], r[0]) for r in results)  # one summation order on every rank
 
 
+def compiled_tokens(mesh: Mesh, path: str):
+    """Greedy tokens with the decode step compiled: the shm all-reduce is an op inside the graph."""
+    model = load_model(open_checkpoint(path), mesh, torch.float32)
+    model.compile_decode()
+    return [c.tokens for c in generate(model, mesh, BATCH, GREEDY, frozenset())]
+
+
+def test_compiled_decode_at_tp2_gives_tp1_tokens(tmp_path):
+    path = write_meta(random_model(tiny_config(), seed=26), tmp_path / "m")
+    _, want = logits_and_tokens(Mesh.single(), str(path))
+    for shm in (True, False):  # the all-reduce inside the compiled graph, or gloo between graphs
+        assert run_ranks(compiled_tokens, 2, str(path), shm=shm) == [want, want], shm
+
+
 def _shm_collectives(mesh: Mesh):
     from llama3_dist.parallel.comm import all_gather, all_reduce, broadcast
     r, n = mesh.tp.rank, mesh.tp.size

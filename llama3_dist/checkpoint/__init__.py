@@ -72,7 +72,8 @@ def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: rang
         setattr(module, leaf, nn.Parameter(t.to(device=mesh.device, dtype=dtype).contiguous(), requires_grad=False))
     model.tie_weights()
     trim_heap()
-    kernels.load()  # build or load the decode kernel now, not inside the first timed step
+    if mesh.device.type == "cpu":
+        kernels.load()  # build or load the decode kernel now, not inside the first timed step
     return model.eval()
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .base import expected_shapes
+from ..errors import CheckpointError
+from ..model import ModelArgs
+from .base import Checkpoint, expected_shapes, narrow
 from .meta import params_to_args
 
 # Real Llama 3 architectures (params.json as Meta ships them), for random checkpoints and `plan`.
@@ -42,12 +44,44 @@ def preset_args(name: str):
     return params_to_args(PRESETS[name], has_output=name not in TIED)
 
 
-def _random(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """N(0, 1/fan_in) matrices and 1 + 0.1 N(0, 1) norms, seeded by (seed, name) so shards agree."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    x = torch.randn(shape, generator=g)
+def _random(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
+            device: str | torch.device = "cpu") -> torch.Tensor:
+    """N(0, 1/fan_in) matrices and 1 + 0.1 N(0, 1) norms, seeded by (seed, name) so shards agree.
+
+    The numbers depend on the device's generator: the same on every CPU, the same on every GPU.
+    """
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    x = torch.randn(shape, generator=g, device=device)
     x = 1 + 0.1 * x if len(shape) == 1 else x / math.sqrt(shape[1])
     return x.to(dtype)
+
+
+class RandomCheckpoint(Checkpoint):
+    """Random weights of an architecture, drawn on `device` as they are read (vLLM's load_format=dummy).
+
+    Real widths with no file and no disk: a GPU benchmark of the 8B shape starts in seconds. Each
+    tensor is drawn whole, from a seed of (seed, name), and then sliced, so every tensor- and
+    pipeline-parallel layout on the same kind of device sees the same model.
+    """
+
+    def __init__(self, args: ModelArgs, device: str | torch.device = "cpu", seed: int = 0, name: str = "random"):
+        self.args, self.device, self.seed = args, torch.device(device), seed
+        self.path = Path(f"random:{name}")
+        self._shapes = expected_shapes(args)
+
+    @classmethod
+    def preset(cls, name: str, device: str | torch.device = "cpu", seed: int = 0) -> "RandomCheckpoint":
+        return cls(preset_args(name), device, seed, name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        full = _random(name, self._shapes[name], self.seed, torch.float32, self.device)
+        return narrow(full, dim, start, stop).clone()
+
+    def tokenizer(self):
+        raise CheckpointError(f"{self.path} has random weights and no tokenizer; give one with model.tokenizer")
 
 
 def write_random_meta(path: str | Path, params: dict, mp: int = 1, seed: int = 0,

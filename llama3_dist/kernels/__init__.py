@@ -33,7 +33,7 @@ def _cpu_has(*flags: str) -> bool:
 
 
 def load() -> object | None:
-    """The compiled extension, or None where it cannot be had (logged once)."""
+    """The compiled op (torch.ops.llama3_dist.gemv), or None where it cannot be had (logged once)."""
     global _gemv, _tried
     if _tried:
         return _gemv
@@ -45,24 +45,20 @@ def load() -> object | None:
         return None
     try:
         from torch.utils.cpp_extension import load as build
-        _gemv = build("llama3_dist_gemv", [str(Path(__file__).with_name("gemv.cpp"))],
-                      extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                                    "-mavx512bf16", "-mfma"], verbose=False)
+        build("llama3_dist_gemv", [str(Path(__file__).with_name("gemv.cpp"))], is_python_module=False,
+              extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
+              verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: fall back, never fail
         log.warning("could not build the gemv kernel (%s); using torch's kernels", str(e).splitlines()[0])
-        _gemv = None
+        return None
+    torch.library.register_fake("llama3_dist::gemv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    _gemv = torch.ops.llama3_dist.gemv
     return _gemv
 
 
-@torch.library.custom_op("llama3_dist::gemv", mutates_args=())
 def gemv(x: Tensor, w: Tensor) -> Tensor:
-    """x (M, K) @ w (N, K).T with the streaming kernel; an op torch.compile can place in a graph."""
-    return load().gemv(x.contiguous(), w)
-
-
-@gemv.register_fake
-def _(x: Tensor, w: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], w.shape[0])
+    """x (M, K) @ w (N, K).T with the streaming kernel (load() must have succeeded)."""
+    return _gemv(x, w)
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
@@ -71,5 +67,5 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     if (rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and w.dtype == x.dtype and w.is_contiguous() and not torch.is_grad_enabled()
             and load() is not None):
-        return gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+        return _gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)

@@ -4,8 +4,9 @@
 // rank's rows of W exactly once, splits them over the torch thread pool, and dots every row of W
 // with all M rows of x while that row sits in L1. fp32 uses AVX-512 FMAs; bf16 uses AVX512-BF16
 // dot products (vdpbf16ps: pairs of bf16 multiplied and summed into fp32 lanes).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <immintrin.h>
 
 namespace {
@@ -44,11 +45,12 @@ inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t k) {
 
 }  // namespace
 
-torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: shapes");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == w.scalar_type(), "gemv: layout");
+at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "gemv: shapes");
+  TORCH_CHECK(w.is_contiguous() && x_in.scalar_type() == w.scalar_type(), "gemv: layout");
+  const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = at::empty({M, N}, x.options());
   if (x.scalar_type() == at::kFloat) {
     const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
     float* Y = y.data_ptr<float>();
@@ -68,4 +70,7 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w) {
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv, "y = x @ w.T for a few rows of x"); }
+// A native op (torch.ops.llama3_dist.gemv): called from Python without a Python wrapper, and
+// from torch.compile's generated code like any aten op.
+TORCH_LIBRARY(llama3_dist, m) { m.def("gemv(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_IMPL(llama3_dist, CPU, m) { m.impl("gemv", &gemv); }

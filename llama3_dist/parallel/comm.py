@@ -23,22 +23,44 @@ class Group:
         return cls(0, 1, (global_rank,), None)
 
 
-@torch.compiler.disable  # a collective is a sync point: torch.compile leaves it alone
+# The size-1 early returns stay traceable, so torch.compile sees no break in a one-rank model.
+# The shared-memory all-reduce of a decode step is an op torch.compile keeps inside its graph;
+# the other collectives are sync points that torch.compile leaves alone (compiler.disable).
+
 def all_reduce(x: Tensor, group: Group) -> Tensor:
     """Sum x over the group, in place; returns x."""
     if group.size == 1:
         return x
     if group.shm is not None and group.shm.fits(x):
-        return group.shm.all_reduce(x)
+        torch.ops.llama3_dist.shm_all_reduce(x, group.shm.key)
+        return x
+    return _all_reduce(x, group)
+
+
+@torch.library.custom_op("llama3_dist::shm_all_reduce", mutates_args=("x",))
+def _shm_all_reduce(x: Tensor, key: int) -> None:
+    from .shm import ShmCollectives
+    ShmCollectives.by_key[key].all_reduce(x)
+
+
+@_shm_all_reduce.register_fake
+def _(x: Tensor, key: int) -> None:
+    return None
+
+
+@torch.compiler.disable
+def _all_reduce(x: Tensor, group: Group) -> Tensor:
     dist.all_reduce(x, group=group.pg)
     return x
 
 
-@torch.compiler.disable  # a collective is a sync point: torch.compile leaves it alone
 def all_gather(x: Tensor, group: Group, sizes: list[int], dim: int = -1) -> Tensor:
     """Concatenate every rank's x along dim; rank r contributes sizes[r] entries (uneven is fine)."""
-    if group.size == 1:
-        return x
+    return x if group.size == 1 else _all_gather(x, group, sizes, dim)
+
+
+@torch.compiler.disable
+def _all_gather(x: Tensor, group: Group, sizes: list[int], dim: int) -> Tensor:
     dim = dim % x.dim()
     if group.shm is not None and group.shm.fits(x.narrow(dim, 0, 1).expand(
             *x.shape[:dim], max(sizes), *x.shape[dim + 1:])):
@@ -53,11 +75,13 @@ def all_gather(x: Tensor, group: Group, sizes: list[int], dim: int = -1) -> Tens
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
 
 
-@torch.compiler.disable  # a collective is a sync point: torch.compile leaves it alone
 def broadcast(x: Tensor, src: int, group: Group) -> Tensor:
     """Overwrite x with global rank src's x, in place, on every rank of the group."""
-    if group.size == 1:
-        return x
+    return x if group.size == 1 else _broadcast(x, src, group)
+
+
+@torch.compiler.disable
+def _broadcast(x: Tensor, src: int, group: Group) -> Tensor:
     if group.shm is not None and group.shm.fits(x):
         return group.shm.broadcast(x, group.ranks.index(src))
     dist.broadcast(x, src, group=group.pg)

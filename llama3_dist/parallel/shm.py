@@ -30,8 +30,12 @@ SLOT_BYTES = 4 << 20  # per rank and parity: decode activations, logits and toke
 class ShmCollectives:
     """all_reduce / all_gather / broadcast among the `size` ranks of process group `pg` on one host."""
 
+    by_key: dict[int, "ShmCollectives"] = {}  # lets a compiled graph name its group by an int
+
     def __init__(self, rank: int, size: int, pg: dist.ProcessGroup | None, timeout_s: float):
         self.rank, self.size, self.timeout_s = rank, size, timeout_s
+        self.key = len(ShmCollectives.by_key)
+        ShmCollectives.by_key[self.key] = self
         name = [f"llama3_dist-{uuid.uuid4().hex}" if rank == 0 else None]
         dist.broadcast_object_list(name, src=dist.get_global_rank(pg, 0) if pg is not None else 0, group=pg)
         path = SHM_DIR / name[0]
