@@ -5,6 +5,7 @@ with a one-rank mesh they are plain dense layers. Parameter names are Meta's.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from .parallel.comm import Group
 from .parallel.layers import (MergedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                               VocabParallelHead, even_split, head_spans)
 from .parallel.mesh import Mesh
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -270,14 +273,25 @@ class Transformer(nn.Module):
         self.compiled_block = torch.compile(TransformerBlock.forward, dynamic=True, options=options)
 
     def decode_layers(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
-        """The layers of a decode step: compiled when compile_decode() was called."""
+        """The layers of a decode step: compiled when compile_decode() was called.
+
+        If compiling fails (no C++ compiler, an inductor bug), the model decodes eagerly from then
+        on. Compiling comes before running, and a decode step run again rewrites the same keys
+        and values, so the step is simply run again.
+        """
         if self.compiled_layers is None:
             return self.run_layers(x, pos, freqs_cis, mask, rows)
-        if self.decode_graphs is None:
-            return self.compiled_layers(x, pos, freqs_cis, mask, rows)
-        for layer in self.layers.values():
-            x = self.compiled_block(layer, x, pos, freqs_cis, mask, rows)
-        return x
+        try:
+            if self.decode_graphs is None:
+                return self.compiled_layers(x, pos, freqs_cis, mask, rows)
+            h = x
+            for layer in self.layers.values():
+                h = self.compiled_block(layer, h, pos, freqs_cis, mask, rows)
+            return h
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            log.warning("torch.compile failed (%s); decoding without it", str(e).splitlines()[0])
+            self.compiled_layers = self.compiled_block = None
+            return self.run_layers(x, pos, freqs_cis, mask, rows)
 
     def use_cuda_graphs(self) -> None:
         """Replay decode steps from CUDA graphs (one launch per step instead of one per kernel)."""

@@ -216,3 +216,16 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, dtype):
     eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
     model.compile_decode()
     assert [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())] == eager
+
+
+def test_a_failing_compile_falls_back_to_eager_decoding(tmp_path, caplog):
+    import torch._inductor.config as inductor
+    model = our_model(write_meta(random_model(tiny_config(), seed=15), tmp_path / "m"))
+    batch = [[3, 4, 5, 6], [7]]
+    eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    model.compile_decode()
+    with inductor.patch({"cpp.cxx": (None, "/nonexistent/g++"), "force_disable_caches": True}):
+        got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    assert got == eager
+    assert model.compiled_layers is None
+    assert "torch.compile failed" in caplog.text and "decoding without it" in caplog.text
