@@ -441,7 +441,7 @@ def run_bench(args) -> list[dict]:
             for engine in s.engines:
                 if engine == "llama.cpp" and not have_llama_cpp():
                     continue
-                if engine == "gpt-fast" and not getattr(args, "gpt_fast", None):
+                if engine == "gpt-fast" and not gpt_fast:
                     continue
                 ckpt = checkpoint_for(s, engine, Path(tmp), device)
                 if ckpt is not None:

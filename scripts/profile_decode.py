@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llama3_dist.bench import DTYPES, open_bench_checkpoint, prompt_ids
+from llama3_dist.bench import DTYPES, open_bench_checkpoint, prompt_ids, wait
 from llama3_dist.checkpoint import default_checkpoint, load_model
 from llama3_dist.parallel.mesh import Mesh
 
@@ -23,13 +23,11 @@ def step_ms(model, tok, pos, n: int, device: str) -> float:
     with torch.inference_mode():
         for _ in range(3):
             model(tok, pos)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        wait(device)
         start = time.perf_counter()
         for _ in range(n):
             model(tok, pos)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        wait(device)
     return (time.perf_counter() - start) / n * 1e3
 
 
@@ -63,8 +61,7 @@ def main() -> None:
     with torch.inference_mode(), profile(activities=activities) as prof:
         for _ in range(args.steps):
             model(tok, pos)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        wait(args.device)
     key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
 

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .shm import ShmCollectives
+
 
 @dataclass(frozen=True)
 class Group:
@@ -39,7 +41,6 @@ def all_reduce(x: Tensor, group: Group) -> Tensor:
 
 @torch.library.custom_op("llama3_dist::shm_all_reduce", mutates_args=("x",))
 def _shm_all_reduce(x: Tensor, key: int) -> None:
-    from .shm import ShmCollectives
     ShmCollectives.by_key[key].all_reduce(x)
 
 
