@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
 import json
 import logging
 import os
 import sys
 
-import torch
-
-from .config import Config, load_config
+from .config import DTYPES, Config, load_config
 from .errors import UserError
 
 log = logging.getLogger("llama3_dist")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # CLI flag -> config key; a flag is sugar for --set and is applied after the --set list.
 FLAG_KEYS = {
     "checkpoint": "model.checkpoint", "tokenizer": "model.tokenizer",
@@ -111,28 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def with_rope_factor(args, factor: float):
-    """args with its Llama 3.1-style rope scaling factor replaced (e.g. 32 for Llama 3.2 Meta checkpoints)."""
-    if args.rope_scaling is None:
-        raise UserError("model.rope_scaling_factor: this checkpoint uses no Llama 3.1 rope scaling "
-                        "(params.json use_scaled_rope / HF rope_scaling); remove the override")
-    return dataclasses.replace(args, rope_scaling=dataclasses.replace(args.rope_scaling, factor=factor))
-
-
-def model_args(cfg: Config):
-    """The architecture: from model.preset when given without a checkpoint, else from the checkpoint."""
-    from .checkpoint import default_checkpoint, open_checkpoint
-    from .checkpoint.synthetic import preset_args
-    if cfg.model.preset is not None and cfg.model.checkpoint is None:
-        args = preset_args(cfg.model.preset)
-    else:
-        args = open_checkpoint(cfg.model.checkpoint or default_checkpoint()).args
-    if cfg.model.rope_scaling_factor is not None:
-        args = with_rope_factor(args, cfg.model.rope_scaling_factor)
-    return args
-
-
 def run_plan(args: argparse.Namespace) -> int:
+    from .assemble import model_args
     from .plan import as_json, parse_bytes, plan, table
     sets = list(args.set) + ([f"model.checkpoint={json.dumps(args.checkpoint)}"] if args.checkpoint else [])
     cfg = load_config(args.config, sets)
@@ -151,38 +127,14 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0 if all(x.fits is not False for x in rows) else 1
 
 
-def set_threads(threads: int | None) -> None:
-    """Give each rank its share of the cores so ranks on one host do not oversubscribe them."""
-    if threads is None:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        if local == 1:
-            return
-        threads = max(1, (os.cpu_count() or 1) // local)
-    torch.set_num_threads(threads)
-
-
 def run_generate(args: argparse.Namespace) -> int:
-    from .checkpoint import default_checkpoint, load_model, open_checkpoint, open_tokenizer
-    from .generate import SamplingParams, check_prompts, generate, warm_up
-    from .log import peak_rss_bytes, setup_logging
-    from .parallel.mesh import init_distributed, shutdown
-    from .parallel.pipeline import stage_layer_ids
+    from .assemble import assemble
+    from .generate import check_prompts, generate, warm_up
+    from .log import setup_logging
+    from .parallel.mesh import shutdown, world_from_env
 
     cfg = config_from_args(args)
-    mesh = init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.backend,
-                            cfg.runtime.device, cfg.runtime.timeout_s, cfg.parallel.collectives)
-    setup_logging(mesh.rank, args.verbose)
-    set_threads(cfg.runtime.threads)
-    if cfg.model.preset is not None and cfg.model.checkpoint is None:
-        raise UserError(f"model.preset={cfg.model.preset} describes an architecture only (for `plan`); "
-                        f"give the weights with --checkpoint PATH")
-    ckpt = open_checkpoint(cfg.model.checkpoint or default_checkpoint())
-    if cfg.model.rope_scaling_factor is not None:
-        ckpt.args = with_rope_factor(ckpt.args, cfg.model.rope_scaling_factor)
-    tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
-    if tok.n_words > ckpt.args.vocab_size:
-        raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
-                        f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint")
+    setup_logging(world_from_env()[0], args.verbose)
     texts = args.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
     if not texts:
         raise UserError("no prompt given: pass --prompt TEXT (repeatable) or pipe text on stdin")
@@ -190,34 +142,19 @@ def run_generate(args: argparse.Namespace) -> int:
         if not t.strip():
             raise UserError(f"prompt {i} is empty: give some text with --prompt")
     gen = cfg.generate
+    ready = assemble(cfg)
+    mesh, model, tok = ready.mesh, ready.model, ready.tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if gen.chat else tok.encode(t) for t in texts]
     check_prompts(prompts, gen.max_new_tokens, cfg.runtime.max_seq_len, cfg.runtime.max_batch_size)
-
-    layer_ids = stage_layer_ids(ckpt.args, cfg.parallel, mesh)
-    log.info("loading %s (%s, %d layers%s) as %s", ckpt.path, type(ckpt).__name__.removesuffix("Checkpoint"),
-             ckpt.args.n_layers, f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",
-             cfg.runtime.dtype)
-    model = load_model(ckpt, mesh, DTYPES[cfg.runtime.dtype], layer_ids)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = peak_rss_bytes()
-    log.info("stage %d tp-rank %d: layers %d-%d, %.2f GiB of weights, peak RSS %s after loading", mesh.stage,
-             mesh.tp.rank, layer_ids.start, layer_ids.stop - 1, weights / 2**30,
-             "n/a" if peak is None else f"{peak / 2**30:.2f} GiB")
-    if cfg.runtime.compile:
-        log.info("compiling the decode step with torch.compile (takes a while, once per run)")
-        model.compile_decode()
-    if cfg.runtime.cuda_graphs and mesh.device.type == "cuda":
-        model.use_cuda_graphs()
-    if cfg.runtime.compile or model.decode_graphs is not None:
+    if model.decode_step is not None:  # compile / capture now, at the final cache size
         warm_up(model, mesh, len(prompts), max(map(len, prompts)) + gen.max_new_tokens, cfg.parallel.microbatches)
-    params = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.seed)
     stream = mesh.is_rank0 and not args.json and len(prompts) == 1
     printer = StreamPrinter(tok) if stream else None
     if stream and not gen.chat:
         print(texts[0], end="", flush=True)
     stop_ids = tok.stop_ids | {tok.special_tokens[x] for x in gen.stop if x in tok.special_tokens}
     strings = [x for x in gen.stop if x not in tok.special_tokens]
-    results = generate(model, mesh, prompts, params, stop_ids, printer, cfg.parallel.microbatches,
+    results = generate(model, mesh, prompts, gen.sampling(), stop_ids, printer, cfg.parallel.microbatches,
                        StopStrings(tok, strings) if strings else None)
     if mesh.is_rank0:
         report(args, texts, results, tok, printer)

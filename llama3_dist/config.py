@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
-from .errors import UserError
+from .args import PRESETS
+from .errors import ConfigError
 
-
-class ConfigError(UserError):
-    """A config value or key is wrong; the message names the dotted key."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # runtime.dtype -> torch dtype
 
 
 @dataclass
@@ -45,14 +46,39 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the decode step (about a minute of compiling first)
     cuda_graphs: bool = True  # on CUDA, replay each decode step from a CUDA graph (no effect on CPU)
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
 
 @dataclass
-class GenerateConfig:
+class SamplingParams:
+    """How one sequence is sampled: the `generate` section's sampling keys, and each server request's."""
+
     max_new_tokens: int = 64
-    temperature: float = 0.6
+    temperature: float = 0.6  # 0: greedy
     top_p: float = 0.9
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
+
+    def check(self, prefix: str = "generate.") -> None:
+        """Raise ConfigError naming the first out-of-range value (keys shown with `prefix`)."""
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{prefix}max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"{prefix}temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"{prefix}top_k: must be >= 0 (0 disables it), got {self.top_k}")
+
+    def sampling(self) -> "SamplingParams":
+        """Just the sampling settings (a GenerateConfig carries more)."""
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
+
+
+@dataclass
+class GenerateConfig(SamplingParams):
     chat: bool = False
     stop: list[str] = field(default_factory=list)  # extra stop strings (matched on token ids)
 
@@ -69,7 +95,7 @@ class Config:
         p, r, g = self.parallel, self.runtime, self.generate
         for key, value in (("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
                            ("parallel.microbatches", p.microbatches), ("runtime.max_seq_len", r.max_seq_len),
-                           ("runtime.max_batch_size", r.max_batch_size), ("generate.max_new_tokens", g.max_new_tokens)):
+                           ("runtime.max_batch_size", r.max_batch_size)):
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
@@ -84,18 +110,12 @@ class Config:
             raise ConfigError(f"runtime.threads: must be >= 1, got {r.threads}")
         if r.timeout_s <= 0:
             raise ConfigError(f"runtime.timeout_s: must be > 0, got {r.timeout_s}")
-        if g.temperature < 0:
-            raise ConfigError(f"generate.temperature: must be >= 0, got {g.temperature}")
-        if not 0 < g.top_p <= 1:
-            raise ConfigError(f"generate.top_p: must be in (0, 1], got {g.top_p}")
-        if g.top_k < 0:
-            raise ConfigError(f"generate.top_k: must be >= 0 (0 disables it), got {g.top_k}")
+        g.check()
         if self.model.rope_scaling_factor is not None and self.model.rope_scaling_factor <= 0:
             raise ConfigError(f"model.rope_scaling_factor: must be > 0, got {self.model.rope_scaling_factor}")
         if any(not s for s in g.stop):
             raise ConfigError("generate.stop: stop strings must not be empty")
         if self.model.preset is not None:
-            from .checkpoint.synthetic import PRESETS
             _choice("model.preset", self.model.preset, tuple(PRESETS))
         if p.stage_layers is not None:
             if len(p.stage_layers) != p.pipeline:
@@ -134,7 +154,12 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item}: expected dotted.key=value, e.g. parallel.tensor=2")
-        set_key(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                              f"quote strings, e.g. {key.strip()}='\"text\"'") from None
+        set_key(cfg, key.strip(), value)
     return cfg.validate()
 
 
@@ -187,6 +212,8 @@ def _coerce(key: str, value, hint):
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

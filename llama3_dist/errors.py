@@ -11,3 +11,7 @@ class CheckpointError(UserError):
 
 class TokenizerError(UserError):
     """A tokenizer file is missing or unsupported."""
+
+
+class ConfigError(UserError):
+    """A config value or key is wrong; the message names the dotted key."""

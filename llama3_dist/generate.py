@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .config import SamplingParams
 from .errors import UserError
 from .model import Transformer
 from .parallel.comm import broadcast
@@ -23,15 +24,6 @@ from .parallel.pipeline import run_stages
 
 class GenerationError(UserError):
     """A prompt or a generation setting cannot be served."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.6  # 0: greedy
-    top_p: float = 0.9
-    top_k: int = 0  # 0: off
-    seed: int | None = None
 
 
 @dataclass

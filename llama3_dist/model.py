@@ -1,66 +1,24 @@
 """Llama 3 for one pipeline stage: RMSNorm, complex rotary embeddings, GQA with a KV cache, SwiGLU.
 
 Parallelism enters only through the layer classes (ColumnParallelLinear & co.) and the Mesh;
-with a one-rank mesh they are plain dense layers. Parameter names are Meta's.
+with a one-rank mesh they are plain dense layers. Parameter names are Meta's. Speed machinery
+(torch.compile, CUDA graphs) lives in fast_decode.py and enters through one hook, `decode_step`.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cuda_graphs import DecodeGraphs
+from .args import ModelArgs
 from .parallel.comm import Group
 from .parallel.layers import (MergedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                               VocabParallelHead, even_split, head_spans)
 from .parallel.mesh import Mesh
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3.1-style frequency scaling (factor 8 for 3.1, 32 for 3.2), read from the checkpoint."""
-
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """The architecture, as every checkpoint format describes it."""
-
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    hidden_dim: int
-    norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    rope_scaling: RopeScaling | None = None
-    rope_freq_factors: tuple[float, ...] | None = None  # GGUF's rope_freqs: freq_i / factor_i
-    tie_embeddings: bool = False
-    head_dim: int | None = None
-    max_position_embeddings: int | None = None
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.dim // self.n_heads
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """Meta's SwiGLU width: 2/3 of 4*dim, times the multiplier, rounded up to multiple_of."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
@@ -135,23 +93,52 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class KVCache(nn.Module):
-    """Preallocated keys/values of this rank's KV heads: (B, n_local_kv_heads, max_seq_len, head_dim)."""
+@dataclass(frozen=True)
+class KVCache:
+    """Preallocated keys and values of this stage's layers and this rank's KV heads.
 
-    def __init__(self, batch: int, n_kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
-        super().__init__()
-        shape = (batch, n_kv_heads, seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    k, v: (n_layers, B, n_local_kv_heads, max_seq_len, head_dim). `rows(a, b)` is the view of
+    sequences a..b-1 (a pipeline micro-batch) and `layer(i)` the view of local layer i: writes
+    through a view land in the one preallocated cache.
+    """
 
-    def update(self, rows: slice, pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, hd) of cache rows `rows` at positions pos (B, T); return their first
-        `length` cached positions, (B, H, length, hd)."""
-        b = torch.arange(rows.start, rows.stop, device=pos.device).unsqueeze(1)  # (B, 1)
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> "KVCache":
+        shape = (n_layers, batch, n_kv_heads, seq_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop])
+
+    def layer(self, i: int) -> "LayerCache":
+        return LayerCache(self.k[i], self.v[i])
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """One layer's keys and values, (B, n_local_kv_heads, max_seq_len, head_dim) each."""
+
+    k: Tensor
+    v: Tensor
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, hd) at positions pos (B, T); return the first `length` positions (B, H, length, hd)."""
+        b = torch.arange(k.shape[0], device=pos.device).unsqueeze(1)  # (B, 1)
         self.k[b, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
         self.v[b, :, pos] = v.transpose(1, 2)
-        return self.k[rows, :, :length], self.v[rows, :, :length]
+        return self.k[:, :, :length], self.v[:, :, :length]
 
 
 class Attention(nn.Module):
@@ -169,9 +156,8 @@ class Attention(nn.Module):
             ("wv", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
         ], group)
         self.wo = RowParallelLinear(args.n_heads * hd, args.dim, group, (q0 * hd, q1 * hd))
-        self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, cache: LayerCache) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.wqkv(x)
         q = q.view(B, T, self.n_local_heads, self.head_dim)  # (B, T, n_local_heads, hd)
@@ -179,7 +165,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
-        k, v = self.cache.update(rows, pos, k, v, mask.shape[-1])  # (B, n_local_kv_heads, S, hd)
+        k, v = cache.update(pos, k, v, mask.shape[-1])  # (B, n_local_kv_heads, S, hd)
         y = attend(q, k, v, mask)  # (B, n_local_heads, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
         return self.wo(y)  # row-parallel: one all-reduce
@@ -209,9 +195,13 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), pos, freqs_cis, mask, rows)
+    def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, cache: LayerCache) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), pos, freqs_cis, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+# The layers of one step: (x, pos, freqs_cis, mask, cache) -> x. fast_decode.py supplies a faster one.
+LayerStack = Callable[[Tensor, Tensor, Tensor, Tensor, KVCache], Tensor]
 
 
 class Transformer(nn.Module):
@@ -228,9 +218,11 @@ class Transformer(nn.Module):
         if mesh.is_pp_last_stage:
             self.norm = RMSNorm(args.dim, args.norm_eps)
             self.output = VocabParallelHead(args.dim, args.vocab_size, group)
+        self.cache: KVCache | None = None
         self.freqs_cis: Tensor | None = None
-        self.compiled_layers = self.compiled_block = None
-        self.decode_graphs: DecodeGraphs | None = None
+        # The hook for fast decoding (fast_decode.py): runs the layers of a decode step (T = 1).
+        # With fixed_shapes set, every step attends over the whole cache (CUDA graphs need fixed shapes).
+        self.decode_step: LayerStack | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -239,69 +231,19 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def setup_caches(self, batch: int, seq_len: int) -> None:
-        """Allocate every layer's KV cache for `batch` sequences of up to `seq_len` tokens."""
-        dtype, device = self.dtype, self.device
-        for block in self.layers.values():
-            attn = block.attention
-            c = attn.cache
-            if c is None or c.k.shape[0] < batch or c.k.shape[2] < seq_len or c.k.dtype != dtype:
-                attn.cache = KVCache(batch, attn.n_local_kv_heads, seq_len, attn.head_dim, dtype, device)
-                if self.decode_graphs is not None:
-                    self.decode_graphs.reset()  # captured graphs read the old cache tensors
+        """Allocate the KV cache for `batch` sequences of up to `seq_len` tokens (kept if large enough)."""
+        c = self.cache
+        if c is None or c.batch < batch or c.seq_len < seq_len or c.k.dtype != self.dtype:
+            attn = next(iter(self.layers.values())).attention
+            self.cache = KVCache.allocate(len(self.layers), batch, attn.n_local_kv_heads, seq_len, attn.head_dim,
+                                          self.dtype, self.device)
         if self.freqs_cis is None or self.freqs_cis.shape[0] < seq_len:
-            self.freqs_cis = precompute_freqs_cis(self.args, seq_len).to(device)
+            self.freqs_cis = precompute_freqs_cis(self.args, seq_len).to(self.device)
 
-    def run_layers(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
-        for layer in self.layers.values():
-            x = layer(x, pos, freqs_cis, mask, rows)
+    def run_layers(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
+        for i, layer in enumerate(self.layers.values()):
+            x = layer(x, pos, freqs_cis, mask, cache.layer(i))
         return x
-
-    def compile_decode(self) -> None:
-        """Send decode steps (T = 1) through torch.compile, which fuses the small ops between matmuls.
-
-        Without CUDA graphs the whole layer stack is one compiled graph, so no Python runs between
-        layers. Under CUDA graphs Python costs nothing per step, so the layers, which differ only
-        in their tensors, share one compiled block: compiling then takes one layer's time.
-        Fused kernels round to the model's dtype wherever the eager ops do
-        (emulate_precision_casts), so bfloat16 gives the eager tokens. On CPU the stack also gets
-        inductor's C++ wrapper, which calls its kernels without Python in between (compiling then
-        takes about a minute longer on two cores).
-        """
-        options = {"emulate_precision_casts": True}
-        stack_options = {**options, "cpp_wrapper": self.device.type == "cpu"}
-        self.compiled_layers = torch.compile(self.run_layers, dynamic=True, options=stack_options)
-        self.compiled_block = torch.compile(TransformerBlock.forward, dynamic=True, options=options)
-
-    def decode_layers(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, rows: slice) -> Tensor:
-        """The layers of a decode step: compiled when compile_decode() was called.
-
-        If compiling fails (no C++ compiler, an inductor bug), the model decodes eagerly from then
-        on. Compiling comes before running, and a decode step run again rewrites the same keys
-        and values, so the step is simply run again.
-        """
-        if self.compiled_layers is None:
-            return self.run_layers(x, pos, freqs_cis, mask, rows)
-        try:
-            if self.decode_graphs is None:
-                return self.compiled_layers(x, pos, freqs_cis, mask, rows)
-            h = x
-            for layer in self.layers.values():
-                h = self.compiled_block(layer, h, pos, freqs_cis, mask, rows)
-            return h
-        except torch._dynamo.exc.BackendCompilerFailed as e:
-            log.warning("torch.compile failed (%s); decoding without it", str(e).splitlines()[0])
-            self.compiled_layers = self.compiled_block = None
-            return self.run_layers(x, pos, freqs_cis, mask, rows)
-
-    def use_cuda_graphs(self) -> None:
-        """Replay decode steps from CUDA graphs (one launch per step instead of one per kernel)."""
-        if self.device.type != "cuda":
-            raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.decode_graphs = DecodeGraphs(self.decode_layers)
-
-    @property
-    def cache_len(self) -> int:
-        return next(iter(self.layers.values())).attention.cache.k.shape[2]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -311,29 +253,25 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, x: Tensor, pos: Tensor, last: Tensor | None = None, rows: slice | None = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, last: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """Tokens (B, T) on the first stage, else hidden states (B, T, dim), at positions pos (B, T).
 
         Returns the last stage's float32 logits, (B, T, vocab), or (B, 1, vocab) at the indices
         `last` (B,) when given; other stages return hidden states (B, T, dim) for the next stage.
-        `rows` picks the KV-cache rows of these sequences (a micro-batch); default 0..B-1.
+        `cache` is the cache of these sequences (a micro-batch's rows); default rows 0..B-1.
         """
-        rows = slice(0, x.shape[0]) if rows is None else rows
+        cache = self.cache.rows(0, x.shape[0]) if cache is None else cache
         if self.mesh.is_pp_first_stage:
             x = self.tok_embeddings(x)  # (B, T, dim)
-        decode = x.shape[1] == 1
-        graphed = decode and self.decode_graphs is not None
-        # Keys up to the furthest position, or (a CUDA graph needs fixed shapes) the whole cache.
-        length = self.cache_len if graphed else int(pos.max()) + 1
+        fast = x.shape[1] == 1 and self.decode_step is not None
+        # Keys up to the furthest position, or the whole cache when the decode step needs fixed shapes.
+        length = cache.seq_len if fast and getattr(self.decode_step, "fixed_shapes", False) else int(pos.max()) + 1
         # Query at position p sees cached keys at positions <= p; the pad rows of a ragged batch
         # are never read, because a row's own next token overwrites them before its mask reaches them.
         mask = torch.arange(length, device=pos.device) <= pos.unsqueeze(-1)  # (B, T, S)
         mask = mask.unsqueeze(1)  # (B, 1, T, S): same for every head
         freqs_cis = torch.view_as_real(self.freqs_cis[pos])  # (B, T, hd/2, 2)
-        if graphed:
-            x = self.decode_graphs(x, pos, freqs_cis, mask, rows=rows)
-        else:
-            x = (self.decode_layers if decode else self.run_layers)(x, pos, freqs_cis, mask, rows)
+        x = (self.decode_step if fast else self.run_layers)(x, pos, freqs_cis, mask, cache)
         if not self.mesh.is_pp_last_stage:
             return x
         if last is not None:

@@ -5,13 +5,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .args import ModelArgs
 from .config import Config
-from .model import ModelArgs, Transformer
-from .parallel.comm import Group
+from .model import Transformer
 from .parallel.mesh import Mesh
 from .parallel.pipeline import stage_layer_ids
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 @dataclass
@@ -25,14 +23,6 @@ class RankPlan:
     workspace_bytes: int
     total_bytes: int
     fits: bool | None
-
-
-def rank_mesh(rank: int, tensor: int, pipeline: int) -> Mesh:
-    """The Mesh that global rank `rank` would get (groups without process groups: nothing to talk to)."""
-    stage, tp_rank = divmod(rank, tensor)
-    tp = Group(tp_rank, tensor, tuple(stage * tensor + t for t in range(tensor)))
-    pp = Group(stage, pipeline, tuple(s * tensor + tp_rank for s in range(pipeline)))
-    return Mesh(rank, tensor * pipeline, tp, pp, torch.device("meta"))
 
 
 def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int) -> int:
@@ -50,18 +40,17 @@ def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int) -> 
 def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None) -> list[RankPlan]:
     """One RankPlan per global rank for this config's layout, batch and sequence length."""
     t, p, r = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.runtime
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[r.dtype]
     rows = []
     for rank in range(t * p):
-        mesh = rank_mesh(rank, t, p)
+        mesh = Mesh.for_rank(rank, t, p, torch.device("meta"))
         layers = stage_layer_ids(args, cfg.parallel, mesh)
         with torch.device("meta"):
-            model = Transformer(args, mesh, layers).to(dtype)
+            model = Transformer(args, mesh, layers).to(r.torch_dtype)
             model.setup_caches(r.max_batch_size, r.max_seq_len)
         params = sum(x.numel() * x.element_size() for x in model.parameters())
-        kv = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if ".cache." in name)
+        kv = 2 * model.cache.k.numel() * model.cache.k.element_size()
         micro = -(-r.max_batch_size // cfg.parallel.microbatches)
-        work = workspace_bytes(model, micro, r.max_seq_len, DTYPE_BYTES[r.dtype])
+        work = workspace_bytes(model, micro, r.max_seq_len, r.torch_dtype.itemsize)
         total = params + kv + work
         rows.append(RankPlan(rank, mesh.stage, mesh.tp.rank, f"{layers.start}-{layers.stop - 1}", params, kv,
                              work, total, None if device_memory is None else total <= device_memory))

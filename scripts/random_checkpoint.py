@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from llama3_dist.checkpoint.synthetic import PRESETS, TIED, write_random_meta
+from llama3_dist.args import PRESETS, TIED
+from llama3_dist.checkpoint.synthetic import write_random_meta
 
 
 def main() -> int:

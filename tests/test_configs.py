@@ -15,7 +15,8 @@ from distributed import run_ranks
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.checkpoint.base import trim_heap
-from llama3_dist.checkpoint.synthetic import PRESETS, preset_args, write_random_meta
+from llama3_dist.args import PRESETS, preset_args
+from llama3_dist.checkpoint.synthetic import write_random_meta
 from llama3_dist.cli import main
 from llama3_dist.config import ConfigError, load_config
 from llama3_dist.parallel.pipeline import stage_layer_ids
@@ -111,9 +112,8 @@ def _rss_after_load(mesh, path: str, batch: int, seq_len: int):
     from llama3_dist.config import ParallelConfig
     model = load_model(ckpt, mesh, torch.float32, stage_layer_ids(ckpt.args, ParallelConfig(), mesh))
     model.setup_caches(batch, seq_len)
-    for cache in (b.attention.cache for b in model.layers.values()):
-        cache.k.fill_(1.0)  # touch the cache so it is resident, as it is after a long generation
-        cache.v.fill_(1.0)
+    model.cache.k.fill_(1.0)  # touch the cache so it is resident, as it is after a long generation
+    model.cache.v.fill_(1.0)
     trim_heap()  # count live memory, not chunks the allocator keeps after the load's copies
     return rss() - before
 

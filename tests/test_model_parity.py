@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from llama3_dist import fast_decode
 from checkpoints import dequantized_reference, random_model, tiny_config, write_gguf, write_hf, write_meta
 
 from llama3_dist.checkpoint import load_model, meta_state, open_checkpoint
@@ -160,12 +162,11 @@ class WholeCacheSteps:
     def __init__(self, model):
         self.model, self.lengths = model, []
 
-    def __call__(self, x, pos, freqs_cis, mask, rows):
-        self.lengths.append(mask.shape[-1])
-        return self.model.decode_layers(x, pos, freqs_cis, mask, rows)
+    fixed_shapes = True
 
-    def reset(self):
-        pass
+    def __call__(self, x, pos, freqs_cis, mask, cache):
+        self.lengths.append(mask.shape[-1])
+        return self.model.run_layers(x, pos, freqs_cis, mask, cache)
 
 
 def test_fixed_shape_decode_steps_give_the_same_tokens(tmp_path):
@@ -174,16 +175,16 @@ def test_fixed_shape_decode_steps_give_the_same_tokens(tmp_path):
     model = our_model(write_meta(hf, tmp_path / "m"))
     batch = [[3, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 14]]  # ragged: pad slots lie inside the mask's reach
     want = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
-    model.decode_graphs = steps = WholeCacheSteps(model)
+    model.decode_step = steps = WholeCacheSteps(model)
     got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
     assert got == want
-    assert steps.lengths and set(steps.lengths) == {model.cache_len}
+    assert steps.lengths and set(steps.lengths) == {model.cache.seq_len}
 
 
 def test_cuda_graphs_need_a_cuda_model(tmp_path):
     model = our_model(write_meta(random_model(tiny_config(), seed=13), tmp_path / "m"))
     with pytest.raises(ValueError, match="CUDA"):
-        model.use_cuda_graphs()
+        fast_decode.enable(model, compile=False, cuda_graphs=True)
 
 
 def test_random_checkpoint_is_the_same_model_at_every_layout():
@@ -214,8 +215,9 @@ def test_compiled_decode_gives_the_eager_tokens(tmp_path, dtype):
     model = our_model(write_meta(random_model(tiny_config(), seed=14), tmp_path / "m"), dtype)
     batch = [[3, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 14]]
     eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
-    model.compile_decode()
+    fast_decode.enable(model, compile=True, cuda_graphs=False)
     assert [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())] == eager
+    assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
 
 
 def test_a_failing_compile_falls_back_to_eager_decoding(tmp_path, caplog):
@@ -223,9 +225,9 @@ def test_a_failing_compile_falls_back_to_eager_decoding(tmp_path, caplog):
     model = our_model(write_meta(random_model(tiny_config(), seed=15), tmp_path / "m"))
     batch = [[3, 4, 5, 6], [7]]
     eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
-    model.compile_decode()
+    fast_decode.enable(model, compile=True, cuda_graphs=False)
     with inductor.patch({"cpp.cxx": (None, "/nonexistent/g++"), "force_disable_caches": True}):
         got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
     assert got == eager
-    assert model.compiled_layers is None
+    assert model.decode_step.compiled is None and model.decode_step.compiled_runs == 0
     assert "torch.compile failed" in caplog.text and "decoding without it" in caplog.text

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from llama3_dist import fast_decode
 from checkpoints import random_model, tiny_config, write_gguf, write_hf, write_meta
 from distributed import run_ranks
 
@@ -117,8 +119,10 @@ def test_shared_memory_collectives_match_tp1_and_agree_bitwise(tmp_path, tp):
 def compiled_tokens(mesh: Mesh, path: str):
     """Greedy tokens with the decode step compiled: the shm all-reduce is an op inside the graph."""
     model = load_model(open_checkpoint(path), mesh, torch.float32)
-    model.compile_decode()
-    return [c.tokens for c in generate(model, mesh, BATCH, GREEDY, frozenset())]
+    fast_decode.enable(model, compile=True, cuda_graphs=False)
+    tokens = [c.tokens for c in generate(model, mesh, BATCH, GREEDY, frozenset())]
+    assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
+    return tokens
 
 
 def test_compiled_decode_at_tp2_gives_tp1_tokens(tmp_path):

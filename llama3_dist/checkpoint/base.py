@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..model import ModelArgs
+from ..args import ModelArgs
 
 
 class Checkpoint:

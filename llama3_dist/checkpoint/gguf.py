@@ -16,7 +16,7 @@ from gguf.quants import dequantize
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..model import ModelArgs
+from ..args import ModelArgs
 from .base import Checkpoint, release_pages
 
 SUPPORTED = {GGMLQuantizationType[n] for n in

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..model import ModelArgs, RopeScaling
+from ..args import ModelArgs, RopeScaling
 from .base import Checkpoint
 
 LAYER_NAMES = {
@@ -38,6 +38,16 @@ def meta_name(hf: str) -> str | None:
     if m and m.group(2) in LAYER_NAMES:
         return f"layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.weight"
     return None if hf.endswith("rotary_emb.inv_freq") else hf
+
+
+def hf_name(meta: str) -> str:
+    """Meta name -> HF tensor name (the inverse of meta_name)."""
+    top = {m: h for h, m in TOP_NAMES.items()}
+    if meta in top:
+        return top[meta]
+    i, _, rest = meta.removeprefix("layers.").partition(".")
+    layer = {m: h for h, m in LAYER_NAMES.items()}[rest.removesuffix(".weight")]
+    return f"model.layers.{i}.{layer}.weight"
 
 
 def hf_to_meta_rows(w: Tensor, n_heads: int) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..model import ModelArgs, RopeScaling, ffn_hidden_dim
+from ..args import params_to_args
 from .base import Checkpoint, copy_out, narrow
 
 log = logging.getLogger(__name__)
@@ -24,35 +24,6 @@ log = logging.getLogger(__name__)
 ROW_PARALLEL = re.compile(r"\.(wo|w2)\.weight$")
 REPLICATED = re.compile(r"norm\.weight$")
 IGNORED = {"rope.freqs"}  # Llama 2 checkpoints carry precomputed rotary frequencies
-
-
-def params_to_args(params: dict, has_output: bool) -> ModelArgs:
-    """params.json -> ModelArgs, with Meta's FFN width rule and optional Llama 3.1 rope scaling."""
-    try:
-        dim, n_heads = int(params["dim"]), int(params["n_heads"])
-        scaling = None
-        if params.get("use_scaled_rope", False):
-            scaling = RopeScaling(
-                factor=float(params.get("rope_scaling_factor", 8.0)),
-                low_freq_factor=float(params.get("rope_low_freq_factor", 1.0)),
-                high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(params.get("rope_original_max_position_embeddings", 8192)),
-            )
-        return ModelArgs(
-            dim=dim,
-            n_layers=int(params["n_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-            vocab_size=int(params["vocab_size"]),
-            hidden_dim=ffn_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
-            norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 500000.0)),
-            rope_scaling=scaling,
-            tie_embeddings=not has_output,
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"params.json: missing or invalid field {e}; expected Meta's keys "
-                              f"(dim, n_layers, n_heads, n_kv_heads, vocab_size, ...)") from None
 
 
 class MetaCheckpoint(Checkpoint):

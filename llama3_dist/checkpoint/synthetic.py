@@ -8,40 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ..args import ModelArgs, params_to_args, preset_args
 from ..errors import CheckpointError
-from ..model import ModelArgs
 from .base import Checkpoint, expected_shapes, narrow
-from .meta import params_to_args
+from .meta import ROW_PARALLEL
 
-# Real Llama 3 architectures (params.json as Meta ships them), for random checkpoints and `plan`.
-PRESETS: dict[str, dict] = {
-    "llama3-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-                  "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0},
-    "llama3-70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
-                   "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0},
-    "llama3.1-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-                    "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                    "use_scaled_rope": True},
-    "llama3.1-70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
-                     "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                     "use_scaled_rope": True},
-    "llama3.1-405b": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "vocab_size": 128256,
-                      "multiple_of": 4096, "ffn_dim_multiplier": 1.2, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                      "use_scaled_rope": True},
-    "llama3.2-1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-                    "multiple_of": 256, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                    "use_scaled_rope": True, "rope_scaling_factor": 32.0},
-    "llama3.2-3b": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "vocab_size": 128256,
-                    "multiple_of": 256, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                    "use_scaled_rope": True, "rope_scaling_factor": 32.0},
-}
-TIED = {"llama3.2-1b", "llama3.2-3b"}  # these share the embedding with the output head
-ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
-
-
-def preset_args(name: str):
-    """ModelArgs of a named architecture."""
-    return params_to_args(PRESETS[name], has_output=name not in TIED)
 
 
 def _random(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
@@ -96,7 +67,7 @@ def write_random_meta(path: str | Path, params: dict, mp: int = 1, seed: int = 0
         if len(shape) == 1 or mp == 1:
             parts = [full] * mp
         else:
-            dim = 1 if name.endswith(ROW_PARALLEL) else 0
+            dim = 1 if ROW_PARALLEL.search(name) else 0
             if shape[dim] % mp:
                 raise ValueError(f"mp={mp} does not divide {name} {shape} along dim {dim}")
             parts = full.chunk(mp, dim=dim)

@@ -62,7 +62,6 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group: Group, rows: Span | None = None):
         super().__init__()
         start, stop = rows or even_split(out_features, group.size)[group.rank]
-        self.full_shape = (out_features, in_features)
         self.shard = (0, start, stop)
         self.weight = _empty(stop - start, in_features)
 
@@ -94,7 +93,6 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         start, stop = cols or even_split(in_features, group.size)[group.rank]
         self.group = group
-        self.full_shape = (out_features, in_features)
         self.shard = (1, start, stop)
         self.weight = _empty(out_features, stop - start)
 
@@ -109,7 +107,6 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         start, stop = even_split(vocab_size, group.size)[group.rank]
         self.group = group
-        self.full_shape = (vocab_size, dim)
         self.shard = (0, start, stop)
         self.weight = _empty(stop - start, dim)
 

@@ -1,7 +1,8 @@
 """init_distributed() and Mesh: the tensor- and pipeline-parallel groups of one run.
 
-Rank layout: global rank = stage * tensor + tp_rank, so the ranks of one tensor-parallel
-group are consecutive (on one node under torchrun) and pipeline neighbours are `tensor` apart.
+Rank layout (rank_grid): global rank = stage * tensor + tp_rank, so the ranks of one
+tensor-parallel group are consecutive (on one node under torchrun) and pipeline neighbours
+are `tensor` apart.
 """
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..config import ParallelConfig, RuntimeConfig
+from ..errors import ConfigError
 from .comm import Group
 from .shm import SHM_DIR, ShmCollectives
+
+
+def rank_grid(tensor: int, pipeline: int) -> list[list[int]]:
+    """grid[stage][tp_rank] = global rank = stage * tensor + tp_rank: the one rank layout of a run."""
+    return [[stage * tensor + t for t in range(tensor)] for stage in range(pipeline)]
 
 
 @dataclass(frozen=True)
@@ -28,10 +35,25 @@ class Mesh:
     pp: Group
     device: torch.device
     world: Group = Group.single()
+    sampler_rank: int = 0  # samples tokens and broadcasts them: tp-rank 0 of the last stage
 
     @classmethod
     def single(cls, device: str | torch.device = "cpu") -> "Mesh":
         return cls(0, 1, Group.single(), Group.single(), torch.device(device))
+
+    @classmethod
+    def for_rank(cls, rank: int, tensor: int, pipeline: int, device: torch.device,
+                 groups: dict[tuple[int, ...], dist.ProcessGroup] | None = None) -> "Mesh":
+        """The Mesh of global rank `rank`; `groups` maps each group's ranks to its process group
+        (none: a Mesh to plan with, which never communicates)."""
+        grid, groups = rank_grid(tensor, pipeline), groups or {}
+        stage, tp_rank = divmod(rank, tensor)
+        assert grid[stage][tp_rank] == rank
+        tp_ranks, pp_ranks = tuple(grid[stage]), tuple(row[tp_rank] for row in grid)
+        tp = Group(tp_rank, tensor, tp_ranks, groups.get(tp_ranks))
+        pp = Group(stage, pipeline, pp_ranks, groups.get(pp_ranks))
+        world = Group(rank, tensor * pipeline, tuple(range(tensor * pipeline)))
+        return cls(rank, tensor * pipeline, tp, pp, device, world, grid[-1][0])
 
     @property
     def is_rank0(self) -> bool:
@@ -52,11 +74,6 @@ class Mesh:
     @property
     def is_pp_last_stage(self) -> bool:
         return self.pp.rank == self.pp.size - 1
-
-    @property
-    def sampler_rank(self) -> int:
-        """Global rank that samples tokens and broadcasts them: tp-rank 0 of the last stage."""
-        return (self.pp.size - 1) * self.tp.size
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -84,16 +101,15 @@ def resolve_backend(backend: str, device: str) -> str:
     return backend
 
 
-def init_distributed(tensor: int, pipeline: int, backend: str = "auto", device: str = "cpu",
-                     timeout_s: float = 120.0, collectives: str = "auto") -> Mesh:
+def init_distributed(parallel: ParallelConfig, runtime: RuntimeConfig) -> Mesh:
     """Join the torchrun job (if any) and build the tensor/pipeline groups; single-process: no-op.
 
-    collectives: 'shm' runs small collectives through shared memory (CPU ranks on one host),
-    'gloo'/'nccl' through the backend only, 'auto' picks shm when every rank is on this host.
+    parallel.collectives: 'shm' runs small collectives through shared memory (CPU ranks on one
+    host), 'backend' through gloo/nccl only, 'auto' picks shm when every rank is on this host.
     """
     rank, world_size, local_rank = world_from_env()
-    check_layout(tensor, pipeline, world_size)
-    if device == "cuda":
+    check_layout(parallel.tensor, parallel.pipeline, world_size)
+    if runtime.device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("runtime.device: cuda requested but CUDA is not available; use cpu")
         torch.cuda.set_device(local_rank)
@@ -102,15 +118,14 @@ def init_distributed(tensor: int, pipeline: int, backend: str = "auto", device: 
         dev = torch.device("cpu")
     if world_size == 1:
         return Mesh.single(dev)
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(parallel.backend, runtime.device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    if collectives == "auto":
+        dist.init_process_group(backend, timeout=timedelta(seconds=runtime.timeout_s))
+    shm = parallel.collectives == "shm"
+    if parallel.collectives == "auto":
         one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size
-        collectives = "shm" if device == "cpu" and one_host and SHM_DIR.is_dir() else backend
-    elif collectives == "shm" and device != "cpu":
-        raise ConfigError("parallel.collectives: shm is for CPU ranks; use auto or nccl on CUDA")
-    return build_mesh(tensor, pipeline, dev, shm=collectives == "shm", timeout_s=timeout_s)
+        shm = runtime.device == "cpu" and one_host and SHM_DIR.is_dir()
+    return build_mesh(parallel.tensor, parallel.pipeline, dev, shm, runtime.timeout_s)
 
 
 def build_mesh(tensor: int, pipeline: int, device: torch.device, shm: bool = False,
@@ -122,21 +137,16 @@ def build_mesh(tensor: int, pipeline: int, device: torch.device, shm: bool = Fal
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     check_layout(tensor, pipeline, world_size)
-    tp = pp = None
-    for stage in range(pipeline):
-        ranks = tuple(stage * tensor + t for t in range(tensor))
-        pg = dist.new_group(list(ranks)) if tensor > 1 else None
-        if rank in ranks:
-            tp = Group(ranks.index(rank), tensor, ranks, pg)
-    for t in range(tensor):
-        ranks = tuple(stage * tensor + t for stage in range(pipeline))
-        pg = dist.new_group(list(ranks)) if pipeline > 1 else None
-        if rank in ranks:
-            pp = Group(ranks.index(rank), pipeline, ranks, pg)
-    if shm and tensor > 1:
-        tp = dataclasses.replace(tp, shm=ShmCollectives(tp.rank, tensor, tp.pg, timeout_s))
-    world = Group(rank, world_size, tuple(range(world_size)), None, tp.shm if pipeline == 1 else None)
-    return Mesh(rank, world_size, tp, pp, device, world)
+    grid = rank_grid(tensor, pipeline)
+    groups = {}
+    for ranks in [tuple(row) for row in grid if tensor > 1] + [tuple(col) for col in zip(*grid) if pipeline > 1]:
+        groups[ranks] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
+    mesh = Mesh.for_rank(rank, tensor, pipeline, device, groups)
+    if not (shm and tensor > 1):
+        return mesh
+    tp = dataclasses.replace(mesh.tp, shm=ShmCollectives(mesh.tp.rank, tensor, mesh.tp.pg, timeout_s))
+    world = dataclasses.replace(mesh.world, shm=tp.shm if pipeline == 1 else None)
+    return dataclasses.replace(mesh, tp=tp, world=world)
 
 
 def shutdown() -> None:

@@ -6,10 +6,11 @@ the last stage's logits stay there (its tp-rank 0 samples and broadcasts the tok
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..config import ConfigError, ParallelConfig
-from ..model import ModelArgs, Transformer
+from ..args import ModelArgs
+from ..config import ParallelConfig
+from ..errors import ConfigError
 from .comm import isend, recv
 from .layers import even_split
 from .mesh import Mesh
@@ -49,17 +50,17 @@ def stage_layer_ids(args: ModelArgs, parallel: ParallelConfig, mesh: Mesh) -> ra
 
 def send_forward(x: Tensor, mesh: Mesh):
     """Hand this stage's activations to the same tp-rank of the next stage (non-blocking)."""
-    return isend(x, mesh.rank + mesh.tp.size)
+    return isend(x, mesh.pp.ranks[mesh.stage + 1])
 
 
 def recv_forward(shape: tuple[int, ...], dtype: torch.dtype, mesh: Mesh) -> Tensor:
     """Activations from the same tp-rank of the previous stage."""
-    return recv(torch.empty(shape, dtype=dtype, device=mesh.device), mesh.rank - mesh.tp.size)
+    return recv(torch.empty(shape, dtype=dtype, device=mesh.device), mesh.pp.ranks[mesh.stage - 1])
 
 
-def run_stages(model: Transformer, mesh: Mesh, tokens: Tensor, pos: Tensor, last: Tensor | None,
+def run_stages(model: nn.Module, mesh: Mesh, tokens: Tensor, pos: Tensor, last: Tensor | None,
                microbatches: int) -> Tensor | None:
-    """One forward pass of the whole pipeline over a batch split into micro-batches.
+    """One forward pass of the whole pipeline (model: this stage's Transformer) over a batch split into micro-batches.
 
     Stage k starts micro-batch i + 1 as soon as it has sent micro-batch i, so stage k + 1 works on
     micro-batch i while stage k works on i + 1. Returns the logits (B, 1 or T, vocab) on the last
@@ -70,12 +71,11 @@ def run_stages(model: Transformer, mesh: Mesh, tokens: Tensor, pos: Tensor, last
     for start, stop in even_split(B, microbatches):
         if start == stop:
             continue
-        rows = slice(start, stop)
         if mesh.is_pp_first_stage:
-            x = tokens[rows]
+            x = tokens[start:stop]
         else:
             x = recv_forward((stop - start, T, model.args.dim), model.dtype, mesh)
-        y = model(x, pos[rows], None if last is None else last[rows], rows)
+        y = model(x, pos[start:stop], None if last is None else last[start:stop], model.cache.rows(start, stop))
         if mesh.is_pp_last_stage:
             outs.append(y)
         else:
