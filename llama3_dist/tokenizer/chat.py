@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from datetime import datetime
-from typing import Callable
 
 import jinja2
 import jinja2.ext
