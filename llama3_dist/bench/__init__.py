@@ -1,0 +1,21 @@
+"""`llama3-dist bench`: llama3_dist against its peers on the same weights, one process per engine.
+
+run.py: settings, launching the workers, bandwidth, the summary table; engines.py: the per-engine workers
+(`python -m llama3_dist.bench`); convert.py: the peers' checkpoints (transformers model, dense GGUF).
+"""
+from .convert import checkpoint_for, hf_model_from, write_dense_gguf
+from .engines import DTYPES, open_bench_checkpoint, prompt_ids, wait, worker
+from .run import run_bench, table
+
+__all__ = [
+    "DTYPES",
+    "checkpoint_for",
+    "hf_model_from",
+    "open_bench_checkpoint",
+    "prompt_ids",
+    "run_bench",
+    "table",
+    "wait",
+    "worker",
+    "write_dense_gguf",
+]
