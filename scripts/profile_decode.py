@@ -14,9 +14,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llama3_dist.bench import DTYPES, open_bench_checkpoint, prompt_ids, wait
-from llama3_dist.checkpoint import default_checkpoint, load_model
-from llama3_dist.parallel.mesh import Mesh
+from llama3_dist import fast_decode
+from llama3_dist.assemble import assemble
+from llama3_dist.bench import open_bench_checkpoint, prompt_ids, wait
+from llama3_dist.checkpoint import default_checkpoint
+from llama3_dist.config import DTYPES, load_config
 
 
 def step_ms(model, tok, pos, n: int, device: str) -> float:
@@ -44,9 +46,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = open_bench_checkpoint(args.checkpoint or str(default_checkpoint()), args.device)
-    model = load_model(ckpt, Mesh.single(args.device), DTYPES[args.dtype])
-    if args.compile:
-        model.compile_decode()
+    cfg = load_config(None, [f"runtime.device={args.device}", f"runtime.dtype={args.dtype}",
+                             f"runtime.compile={str(args.compile).lower()}", "runtime.cuda_graphs=false"])
+    model = assemble(cfg, ckpt, tokenizer=False).model
     model.setup_caches(1, args.context + 1)
     ids = torch.tensor(prompt_ids(ckpt.args.vocab_size, 1, args.context), device=args.device)
     with torch.inference_mode():
@@ -54,9 +56,9 @@ def main() -> None:
     tok, pos = ids[:, :1], torch.tensor([[args.context]], device=args.device)
     print(f"decode step: {step_ms(model, tok, pos, args.steps, args.device):.2f} ms")
     if args.device == "cuda":
-        model.use_cuda_graphs()
+        fast_decode.enable(model, args.compile, cuda_graphs=True)
         print(f"decode step with CUDA graphs: {step_ms(model, tok, pos, args.steps, args.device):.2f} ms")
-        model.decode_graphs = None
+        fast_decode.enable(model, args.compile, cuda_graphs=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with torch.inference_mode(), profile(activities=activities) as prof:
         for _ in range(args.steps):

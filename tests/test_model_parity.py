@@ -225,6 +225,7 @@ def test_a_failing_compile_falls_back_to_eager_decoding(tmp_path, caplog):
     model = our_model(write_meta(random_model(tiny_config(), seed=15), tmp_path / "m"))
     batch = [[3, 4, 5, 6], [7]]
     eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    torch._dynamo.reset()  # compile now, under the patch, not from another test's cached graph
     fast_decode.enable(model, compile=True, cuda_graphs=False)
     with inductor.patch({"cpp.cxx": (None, "/nonexistent/g++"), "force_disable_caches": True}):
         got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]

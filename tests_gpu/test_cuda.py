@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from llama3_dist.bench import hf_model_from
-from llama3_dist.checkpoint import load_model
+from llama3_dist.assemble import assemble
 from llama3_dist.checkpoint.synthetic import RandomCheckpoint
+from llama3_dist.config import load_config
 from llama3_dist.generate import SamplingParams, generate
-from llama3_dist.model import ModelArgs, RopeScaling
+from llama3_dist.args import ModelArgs, RopeScaling
 from llama3_dist.parallel.mesh import Mesh
 
 # GQA 8/2 heads, Llama 3.1 rope scaling, an FFN width that is not a power of two
@@ -29,12 +30,10 @@ def checkpoint() -> RandomCheckpoint:
 
 
 def model_on(device: str, dtype: torch.dtype = torch.float32, graphs: bool = False, compile: bool = False):
-    model = load_model(checkpoint(), Mesh.single(device), dtype)
-    if compile:
-        model.compile_decode()
-    if graphs:
-        model.use_cuda_graphs()
-    return model
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    cfg = load_config(None, [f"runtime.device={device}", f"runtime.dtype={name}",
+                             f"runtime.compile={str(compile).lower()}", f"runtime.cuda_graphs={str(graphs).lower()}"])
+    return assemble(cfg, checkpoint(), tokenizer=False).model
 
 
 def tokens(model, device: str) -> list[list[int]]:
@@ -74,11 +73,15 @@ def test_cuda_graphs_change_no_token(dtype):
     eager = tokens(model_on("cuda", dtype), "cuda")
     graphed = model_on("cuda", dtype, graphs=True)
     assert tokens(graphed, "cuda") == eager
-    assert graphed.decode_graphs.graphs, "no decode step was captured"
+    graphs = graphed.decode_step.graphs
+    assert graphs.graphs, "no decode step was captured"
+    captured = dict(graphs.graphs)
     assert tokens(graphed, "cuda") == eager  # replayed from the graphs captured by the first run
-    graphed.setup_caches(8, 64)  # a larger cache drops the graphs that read the old one
-    assert not graphed.decode_graphs.graphs
+    assert graphs.graphs == captured, "the second run captured again instead of replaying"
+    graphed.setup_caches(8, 64)  # a larger cache: the graphs that wrote into the old one are dropped
     assert tokens(graphed, "cuda") == eager
+    assert graphs.storage == graphed.cache.k.untyped_storage().data_ptr()
+    assert not set(graphs.graphs) & set(captured)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -88,7 +91,7 @@ def test_compiled_and_graphed_decode_changes_no_token(dtype):
 
 
 def test_8b_shape_random_checkpoint_on_the_gpu_is_sliced_consistently():
-    from llama3_dist.checkpoint.synthetic import preset_args
+    from llama3_dist.args import preset_args
     ckpt = RandomCheckpoint(preset_args("llama3-8b"), "cuda")
     full = ckpt.read("layers.0.attention.wq.weight")
     assert full.device.type == "cuda" and full.shape == (4096, 4096)

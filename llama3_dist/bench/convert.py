@@ -7,10 +7,11 @@ import gguf
 import numpy as np
 import torch
 
+from ..args import PRESETS, TIED
 from ..checkpoint import default_checkpoint, load_model, meta_state, open_checkpoint
 from ..checkpoint.gguf import gguf_name
-from ..checkpoint.hf import meta_to_hf_rows
-from ..checkpoint.synthetic import PRESETS, TIED, write_random_meta
+from ..checkpoint.hf import hf_name, meta_to_hf_rows
+from ..checkpoint.synthetic import write_random_meta
 from ..parallel.mesh import Mesh
 
 
@@ -46,20 +47,14 @@ def hf_model_from(ckpt, dtype: torch.dtype, device: str = "cpu"):
     finally:
         torch.set_default_dtype(default)
 
-    sd = {"model.embed_tokens.weight": ours.tok_embeddings.weight, "model.norm.weight": ours.norm.weight}
-    if not a.tie_embeddings:
-        sd["lm_head.weight"] = ours.output.weight
-    for i, layer in ours.layers.items():
-        p, at, ff = f"model.layers.{i}.", layer.attention, layer.feed_forward
-        wq, wk, wv = at.wqkv.weight.split(at.wqkv.sizes)
-        w1, w3 = ff.w13.weight.split(ff.w13.sizes)
-        sd.update({p + "self_attn.q_proj.weight": meta_to_hf_rows(wq, a.n_heads),
-                   p + "self_attn.k_proj.weight": meta_to_hf_rows(wk, a.n_kv_heads),
-                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": at.wo.weight,
-                   p + "mlp.gate_proj.weight": w1, p + "mlp.up_proj.weight": w3,
-                   p + "mlp.down_proj.weight": ff.w2.weight, p + "input_layernorm.weight": layer.attention_norm.weight,
-                   p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
-    hf.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=not a.tie_embeddings)
+    heads = {"attention.wq.weight": a.n_heads, "attention.wk.weight": a.n_kv_heads}  # stored rotate-half in HF
+    sd = {}
+    for name, t in meta_state(ours):
+        n = heads.get(name.partition(".")[2].partition(".")[2]) if name.startswith("layers.") else None
+        sd[hf_name(name)] = meta_to_hf_rows(t, n) if n else t
+    if a.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    hf.load_state_dict({k: v.contiguous() for k, v in sd.items()})
     if a.tie_embeddings:
         hf.tie_weights()
     del ours, sd

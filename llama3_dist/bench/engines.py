@@ -14,17 +14,14 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..checkpoint import load_model, open_checkpoint
+from ..assemble import assemble
+from ..checkpoint import open_checkpoint
 from ..checkpoint.synthetic import RandomCheckpoint
-from ..config import ParallelConfig
-from ..generate import SamplingParams, generate, warm_up
+from ..config import DTYPES, SamplingParams, load_config
+from ..generate import generate, warm_up
 from ..log import peak_rss_bytes
-from ..parallel.mesh import init_distributed, shutdown
-from ..parallel.pipeline import stage_layer_ids
+from ..parallel.mesh import shutdown
 from .convert import hf_model_from
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def prompt_ids(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
     """The same pseudo-random prompt ids for every engine (content does not change the speed)."""
@@ -41,15 +38,13 @@ def open_bench_checkpoint(path: str, device: str):
 
 def run_ours(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
-    mesh = init_distributed(world, 1, device=args.device)
-    ckpt = open_bench_checkpoint(args.checkpoint, mesh.device)
-    model = load_model(ckpt, mesh, DTYPES[args.dtype], stage_layer_ids(ckpt.args, ParallelConfig(), mesh))
+    cfg = load_config(None, [f"parallel.tensor={world}", f"runtime.device={args.device}", f"runtime.dtype={args.dtype}",
+                             f"runtime.compile={str(args.compile).lower()}",
+                             f"runtime.cuda_graphs={str(args.graphs).lower()}"])
+    ready = assemble(cfg, open_bench_checkpoint(args.checkpoint, args.device), tokenizer=False)
+    mesh, model, ckpt = ready.mesh, ready.model, ready.ckpt
     prompts = prompt_ids(ckpt.args.vocab_size, args.batch, args.prompt_len)
     params = SamplingParams(args.new_tokens, temperature=0.0)
-    if args.compile:
-        model.compile_decode()
-    if args.graphs:
-        model.use_cuda_graphs()
     warm_up(model, mesh, args.batch, args.prompt_len + args.new_tokens)
     generate(model, mesh, prompts, SamplingParams(2, temperature=0.0), frozenset())  # the timed prefill's shapes
     done = generate(model, mesh, prompts, params, frozenset())
