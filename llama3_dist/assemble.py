@@ -23,6 +23,7 @@ from .log import peak_rss_bytes
 from .model import Transformer
 from .parallel.mesh import Mesh, init_distributed
 from .parallel.pipeline import stage_layer_ids
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class Ready:
     mesh: Mesh
     ckpt: Checkpoint
     model: Transformer
-    tokenizer: object | None  # tokenizer.Tokenizer; None when not asked for
+    tokenizer: Tokenizer | None  # None when not asked for
 
 
 def with_rope_factor(args: ModelArgs, factor: float) -> ModelArgs:
@@ -67,6 +68,15 @@ def model_args(cfg: Config) -> ModelArgs:
     return open_model_checkpoint(cfg).args
 
 
+def open_tokenizer_for(cfg: Config, ckpt: Checkpoint) -> Tokenizer:
+    """model.tokenizer, else the checkpoint's own; it must fit the model's vocabulary."""
+    tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
+    if tok.n_words > ckpt.args.vocab_size:
+        raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
+                        f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint")
+    return tok
+
+
 def set_threads(threads: int | None) -> None:
     """Give each rank its share of the cores so ranks on one host do not oversubscribe them."""
     if threads is None:
@@ -77,13 +87,13 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool = True,
+def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool | Tokenizer = True,
              warm: tuple[int, int] | None = None, mesh: Mesh | None = None) -> Ready:
     """Build this rank's ready model from a config.
 
     Args:
         ckpt: weights to use instead of opening model.checkpoint (e.g. a RandomCheckpoint).
-        tokenizer: also open the tokenizer (model.tokenizer, else the checkpoint's own).
+        tokenizer: True: open it (open_tokenizer_for); False: none; or the one already opened.
         warm: (batch, seq_len) to warm the decode step up at, so compiling and graph capture
             happen now and not in the first request; only done when runtime.compile or CUDA graphs are on.
         mesh: an existing mesh (tests); default: join the torchrun job described by cfg.parallel.
@@ -91,12 +101,7 @@ def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool = True
     mesh = mesh or init_distributed(cfg.parallel, cfg.runtime)
     set_threads(cfg.runtime.threads)
     ckpt = ckpt or open_model_checkpoint(cfg)
-    tok = None
-    if tokenizer:
-        tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
-        if tok.n_words > ckpt.args.vocab_size:
-            raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
-                            f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint")
+    tok = open_tokenizer_for(cfg, ckpt) if tokenizer is True else tokenizer or None
     layer_ids = stage_layer_ids(ckpt.args, cfg.parallel, mesh)
     log.info("loading %s (%s, %d layers%s) as %s", ckpt.path, type(ckpt).__name__.removesuffix("Checkpoint"),
              ckpt.args.n_layers, f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",

@@ -128,7 +128,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .assemble import assemble
+    from .assemble import assemble, open_model_checkpoint, open_tokenizer_for
     from .generate import check_prompts, generate, warm_up
     from .log import setup_logging
     from .parallel.mesh import shutdown, world_from_env
@@ -142,10 +142,12 @@ def run_generate(args: argparse.Namespace) -> int:
         if not t.strip():
             raise UserError(f"prompt {i} is empty: give some text with --prompt")
     gen = cfg.generate
-    ready = assemble(cfg)
-    mesh, model, tok = ready.mesh, ready.model, ready.tokenizer
+    ckpt = open_model_checkpoint(cfg)
+    tok = open_tokenizer_for(cfg, ckpt)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if gen.chat else tok.encode(t) for t in texts]
     check_prompts(prompts, gen.max_new_tokens, cfg.runtime.max_seq_len, cfg.runtime.max_batch_size)
+    ready = assemble(cfg, ckpt, tok)
+    mesh, model = ready.mesh, ready.model
     if model.decode_step is not None:  # compile / capture now, at the final cache size
         warm_up(model, mesh, len(prompts), max(map(len, prompts)) + gen.max_new_tokens, cfg.parallel.microbatches)
     stream = mesh.is_rank0 and not args.json and len(prompts) == 1

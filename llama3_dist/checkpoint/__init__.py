@@ -10,13 +10,18 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 from torch import nn
 
 from .. import kernels
 from ..errors import CheckpointError
 from ..model import Transformer
 from ..parallel.mesh import Mesh
+from ..tokenizer import gguf_tokenizer, hf_tokenizer, llama3_tokenizer
 from .base import Checkpoint, expected_shapes, trim_heap
+from .gguf import GGUFCheckpoint
+from .hf import HFCheckpoint
+from .meta import MetaCheckpoint
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,14 +38,11 @@ def _open(p: Path, path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path} (give a Meta dir, a Hugging Face dir or a .gguf file)")
     if p.is_file():
         if is_gguf(p):
-            from .gguf import GGUFCheckpoint
             return GGUFCheckpoint(p)
         raise CheckpointError(f"{path}: not a GGUF file (expected a Meta dir, a Hugging Face dir or a .gguf file)")
     if (p / "params.json").is_file():
-        from .meta import MetaCheckpoint
         return MetaCheckpoint(p)
     if (p / "config.json").is_file():
-        from .hf import HFCheckpoint
         return HFCheckpoint(p)
     raise CheckpointError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this directory")
 
@@ -128,11 +130,9 @@ def default_checkpoint() -> Path:
 
 def open_tokenizer(path: str | Path):
     """A tokenizer from a path: Meta tokenizer.model, a Hugging Face dir, or a .gguf file."""
-    from ..tokenizer import gguf_tokenizer, hf_tokenizer, llama3_tokenizer
     p = Path(path).expanduser()
     if p.is_dir():
         return hf_tokenizer(p)
     if p.is_file() and is_gguf(p):
-        from gguf import GGUFReader
         return gguf_tokenizer(GGUFReader(p))
     return llama3_tokenizer(p)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..args import ModelArgs
+from ..tokenizer import gguf_tokenizer
 from .base import Checkpoint, release_pages
 
 SUPPORTED = {GGMLQuantizationType[n] for n in
@@ -127,5 +128,4 @@ class GGUFCheckpoint(Checkpoint):
         return out
 
     def tokenizer(self):
-        from ..tokenizer import gguf_tokenizer
         return gguf_tokenizer(self.reader)

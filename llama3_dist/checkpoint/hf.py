@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..args import ModelArgs, RopeScaling
+from ..tokenizer import hf_tokenizer
 from .base import Checkpoint
 
 LAYER_NAMES = {
@@ -215,5 +216,4 @@ class HFCheckpoint(Checkpoint):
         return 0
 
     def tokenizer(self):
-        from ..tokenizer import hf_tokenizer
         return hf_tokenizer(self.path)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..args import params_to_args
+from ..tokenizer import default_llama3_tokenizer_path, llama3_tokenizer
 from .base import Checkpoint, copy_out, narrow
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,6 @@ class MetaCheckpoint(Checkpoint):
         return torch.cat(pieces, dim=split) if len(pieces) > 1 else pieces[0]
 
     def tokenizer(self):
-        from ..tokenizer import default_llama3_tokenizer_path, llama3_tokenizer
         local = self.path / "tokenizer.model"
         if local.is_file():
             return llama3_tokenizer(local)
