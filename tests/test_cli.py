@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from checkpoints import random_model, tiny_config, write_gguf, write_hf, write_meta
 from gguf import GGMLQuantizationType, GGUFWriter
+from helpers.checkpoints import random_model, tiny_config, write_hf, write_meta
 
 from llama3_dist.cli import main
 
@@ -22,17 +22,6 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "llama3_dist", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    """A random 4-layer model with a byte-level vocab: any text is a valid prompt."""
-    return write_gguf(random_model(tiny_config(), seed=31), tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-
-
-@pytest.fixture(scope="module")
-def tiny_meta(tmp_path_factory):
-    return write_meta(random_model(tiny_config(), seed=32), tmp_path_factory.mktemp("meta") / "m", mp=2)
 
 
 def test_embedded_default_knows_the_capital_of_france():
@@ -69,9 +58,9 @@ def test_seeded_sampling_is_reproducible_from_the_cli(tiny_gguf, capsys):
     assert runs[0] == runs[1] != runs[2]
 
 
-def test_tokenizer_bigger_than_the_vocab_is_refused(tiny_meta, capsys):
+def test_tokenizer_bigger_than_the_vocab_is_refused(tiny_meta_mp2, capsys):
     # Meta dir without tokenizer.model falls back to llama-models' tokenizer; the tiny vocab is too small
-    assert main(["generate", "--checkpoint", str(tiny_meta), "--prompt", "x"]) == 2
+    assert main(["generate", "--checkpoint", str(tiny_meta_mp2), "--prompt", "x"]) == 2
     assert "vocabulary" in capsys.readouterr().err
 
 
@@ -112,7 +101,7 @@ def test_hf_config_disagreeing_with_tensor_shapes(capsys, tmp_path, smollm2_gguf
                              "--prompt", "x"], "disagree")
 
 
-def test_missing_and_truncated_shards(capsys, tmp_path, tiny_meta):
+def test_missing_and_truncated_shards(capsys, tmp_path):
     d = write_meta(random_model(tiny_config(), seed=35), tmp_path / "m", mp=2)
     (d / "consolidated.01.pth").unlink()
     _one_error_line(capsys, ["generate", "--checkpoint", str(d), "--prompt", "x"], "consolidated.01.pth")

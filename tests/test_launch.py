@@ -1,8 +1,10 @@
-"""torchrun and launch/ end to end: same tokens as one process, rank-0-only output, no hang on failure."""
+"""torchrun and launch/ end to end (the small presets, two "nodes" on localhost): the same tokens as one
+process, rank-0-only output, no hang on failure."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -10,19 +12,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from checkpoints import random_model, tiny_config, write_gguf
-from distributed import run_ranks
+from helpers.distributed import run_ranks
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.generate import SamplingParams, generate
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--prompt", "hello there", "--prompt", "x", "--max-new-tokens", "8", "--temperature", "0", "--json"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_gguf(random_model(tiny_config(), seed=41), tmp_path_factory.mktemp("m") / "tiny.gguf")
 
 
 def torchrun(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -43,23 +39,23 @@ def single(path) -> list[list[int]]:
     return tokens_of(r.stdout)
 
 
-def test_torchrun_tp2_prints_once_and_matches_one_process(tiny):
-    r = torchrun(2, "--checkpoint", str(tiny), "--set", "parallel.tensor=2", *ARGS)
+def test_torchrun_tp2_prints_once_and_matches_one_process(tiny_gguf):
+    r = torchrun(2, "--checkpoint", str(tiny_gguf), "--set", "parallel.tensor=2", *ARGS)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 2  # rank 0 only: one JSON line per prompt
-    assert tokens_of(r.stdout) == single(tiny)
+    assert tokens_of(r.stdout) == single(tiny_gguf)
 
 
-def test_launch_script_reads_the_rank_count_from_the_config(tiny):
+def test_launch_script_reads_the_rank_count_from_the_config(tiny_gguf):
     r = subprocess.run([str(REPO / "launch" / "run.sh"), str(REPO / "configs" / "smollm2-135m-tp2.yaml"), "--",
-                        "--checkpoint", str(tiny), *ARGS], capture_output=True, text=True, timeout=180,
+                        "--checkpoint", str(tiny_gguf), *ARGS], capture_output=True, text=True, timeout=180,
                        stdin=subprocess.DEVNULL, env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stderr
-    assert tokens_of(r.stdout) == single(tiny)
+    assert tokens_of(r.stdout) == single(tiny_gguf)
 
 
-def test_layout_mismatch_is_an_error_on_every_rank_before_loading(tiny):
-    r = torchrun(3, "--checkpoint", str(tiny), "--set", "parallel.tensor=2", *ARGS)
+def test_layout_mismatch_is_an_error_on_every_rank_before_loading(tiny_gguf):
+    r = torchrun(3, "--checkpoint", str(tiny_gguf), "--set", "parallel.tensor=2", *ARGS)
     assert r.returncode != 0
     for rank in range(3):
         assert f"error: [rank {rank}] parallel.tensor (2) x parallel.pipeline (1) = 2 must equal the number " \
@@ -67,9 +63,9 @@ def test_layout_mismatch_is_an_error_on_every_rank_before_loading(tiny):
     assert "loading" not in r.stderr and r.stdout == ""
 
 
-def test_a_killed_rank_ends_the_whole_job_quickly(tiny):
+def test_a_killed_rank_ends_the_whole_job_quickly(tiny_gguf):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "llama3_dist", "generate", "--checkpoint", str(tiny), "--set", "parallel.tensor=2",
+           "-m", "llama3_dist", "generate", "--checkpoint", str(tiny_gguf), "--set", "parallel.tensor=2",
            "--prompt", "a", "--max-new-tokens", "30000", "--set", "runtime.max_seq_len=30002",
            "--temperature", "0"]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -101,10 +97,36 @@ def _raise_mid_generation(mesh, path: str):
     return "finished"
 
 
-def test_a_raising_rank_makes_its_peer_fail_not_hang(tiny):
+def test_a_raising_rank_makes_its_peer_fail_not_hang(tiny_gguf):
     # No launcher to kill the survivors: rank 0 itself must notice within the 30 s budget.
-    outcomes = run_ranks(_raise_mid_generation, 2, str(tiny), outcomes=True, timeout=60)
+    outcomes = run_ranks(_raise_mid_generation, 2, str(tiny_gguf), outcomes=True, timeout=60)
     (ok0, err0, t0), (ok1, err1, _) = outcomes
     assert not ok1 and "injected failure on rank 1" in err1
     assert not ok0, "rank 0 finished although its peer died"
     assert t0 < 30
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-pp2", "smollm2-135m-tp2-pp2", "smollm2-135m-tp4"])
+def test_small_presets_run_through_the_launch_script(tiny_gguf, name):
+    r = subprocess.run([str(REPO / "launch" / "run.sh"), str(REPO / "configs" / f"{name}.yaml"), "--",
+                        "--checkpoint", str(tiny_gguf), *ARGS], capture_output=True, text=True, timeout=240,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["tokens"] for x in r.stdout.splitlines()] == single(tiny_gguf)
+
+
+def test_two_nodes_on_localhost_run_tp2_like_one_process(tiny_gguf):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(REPO / "launch" / "multinode.sh"), str(REPO / "configs" / "smollm2-135m-tp2.yaml"),
+           "--nnodes", "2", "--endpoint", f"127.0.0.1:{port}", "--id", "test", "--",
+           "--checkpoint", str(tiny_gguf), *ARGS]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              stdin=subprocess.DEVNULL) for _ in range(2)]
+    outs = [n.communicate(timeout=240) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
+    lines = [x for out, _ in outs for x in out.splitlines()]
+    assert len(lines) == 2  # only global rank 0, on whichever node it landed, prints
+    assert [json.loads(x)["tokens"] for x in lines] == single(tiny_gguf)

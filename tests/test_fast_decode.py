@@ -1,0 +1,84 @@
+"""The fast decode path's logic on CPU: fixed-shape (CUDA-graph-style) steps, torch.compile and its eager
+fallback give the eager tokens, on one rank and at TP=2. The CUDA runs themselves are in tests/gpu."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama3_dist import fast_decode
+from helpers.distributed import run_ranks
+from helpers.parity import BATCH, GREEDY, logits_and_tokens, our_model
+
+from llama3_dist.checkpoint import load_model, open_checkpoint
+from llama3_dist.generate import generate
+from llama3_dist.parallel.mesh import Mesh
+
+
+class WholeCacheSteps:
+    """DecodeGraphs' contract without a GPU: records that each decode step saw the whole cache."""
+
+    def __init__(self, model):
+        self.model, self.lengths = model, []
+
+    fixed_shapes = True
+
+    def __call__(self, x, pos, freqs_cis, mask, cache):
+        self.lengths.append(mask.shape[-1])
+        return self.model.run_layers(x, pos, freqs_cis, mask, cache)
+
+
+def test_fixed_shape_decode_steps_give_the_same_tokens(tiny_meta):
+    """A CUDA-graphed step attends over the whole cache under the mask; the tokens must not change."""
+    model = our_model(tiny_meta)
+    batch = [[3, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 14]]  # ragged: pad slots lie inside the mask's reach
+    want = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    model.decode_step = steps = WholeCacheSteps(model)
+    got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    assert got == want
+    assert steps.lengths and set(steps.lengths) == {model.cache.seq_len}
+
+
+def test_cuda_graphs_need_a_cuda_model(tiny_meta):
+    model = our_model(tiny_meta)
+    with pytest.raises(ValueError, match="CUDA"):
+        fast_decode.enable(model, compile=False, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_gives_the_eager_tokens(tiny_meta, dtype):
+    model = our_model(tiny_meta, dtype)
+    batch = [[3, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 14]]
+    eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    fast_decode.enable(model, compile=True, cuda_graphs=False)
+    assert [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())] == eager
+    assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
+
+
+def test_a_failing_compile_falls_back_to_eager_decoding(tiny_meta, caplog):
+    import torch._inductor.config as inductor
+    model = our_model(tiny_meta)
+    batch = [[3, 4, 5, 6], [7]]
+    eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    torch._dynamo.reset()  # compile now, under the patch, not from another test's cached graph
+    fast_decode.enable(model, compile=True, cuda_graphs=False)
+    with inductor.patch({"cpp.cxx": (None, "/nonexistent/g++"), "force_disable_caches": True}):
+        got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+    assert got == eager
+    assert model.decode_step.compiled is None and model.decode_step.compiled_runs == 0
+    assert "torch.compile failed" in caplog.text and "decoding without it" in caplog.text
+
+
+def compiled_tokens(mesh: Mesh, path: str):
+    """Greedy tokens with the decode step compiled: the shm all-reduce is an op inside the graph."""
+    model = load_model(open_checkpoint(path), mesh, torch.float32)
+    fast_decode.enable(model, compile=True, cuda_graphs=False)
+    tokens = [c.tokens for c in generate(model, mesh, BATCH, GREEDY, frozenset())]
+    assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
+    return tokens
+
+
+def test_compiled_decode_at_tp2_gives_tp1_tokens(tiny_meta):
+    path = str(tiny_meta)
+    _, want = logits_and_tokens(Mesh.single(), path)
+    for shm in (True, False):  # the all-reduce inside the compiled graph, or gloo between graphs
+        assert run_ranks(compiled_tokens, 2, path, shm=shm) == [want, want], shm
