@@ -141,7 +141,14 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     from .assemble import assemble, open_model_checkpoint
-    from .explain import DEFAULT_PROMPT, as_json, check_request, explain, format_text, write_html
+    from .explain import (
+        DEFAULT_PROMPT,
+        as_json,
+        check_request,
+        explain,
+        format_text,
+        write_html,
+    )
     from .log import setup_logging
     from .parallel.mesh import shutdown, world_from_env
 

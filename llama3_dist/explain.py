@@ -16,6 +16,7 @@ import base64
 import dataclasses
 import html
 import io
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,8 +124,8 @@ class Probe:
         for lid, block in model.layers.items():
             self.handles.append(block.register_forward_hook(
                 lambda m, a, out, lid=int(lid): self.resid.__setitem__(lid, out.detach().clone())))
-        block = model.layers[str(layer)] if str(layer) in model.layers else None
-        if block is not None:
+        if str(layer) in model.layers:  # layer N is on this stage
+            block = model.layers[str(layer)]
             self.input(block.attention_norm, "x")
             self.output(block.attention_norm, "x_norm")
             self.handles.append(block.attention.register_forward_pre_hook(self._attention_inputs))
@@ -285,9 +286,14 @@ def show(t: Tensor, n: int = FEW) -> str:
     return "[" + ", ".join(f"{x:.4g}" for x in t[:n].tolist()) + (", ...]" if t.numel() > n else "]")
 
 
+def span(start: int, stop: int) -> str:
+    """[start, stop) as 'start-last', or one number."""
+    return f"{start}-{stop - 1}" if stop - start > 1 else str(start)
+
+
 def spans(records: list[dict], key: str, unit: str) -> str:
     """'rank 0: heads 0-5, rank 1: heads 6-8' from each rank's [start, stop) record."""
-    return ", ".join(f"rank {r['rank']}: {unit} {r[key][0]}-{r[key][1] - 1}" for r in records)
+    return ", ".join(f"rank {r['rank']}: {unit} {span(*r[key])}" for r in records)
 
 
 def frequency_scaling(args: ModelArgs, freqs: Tensor, base: Tensor) -> str | None:
@@ -343,6 +349,9 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
     def where(*lines: str) -> list[str]:
         return list(lines) if many else []
 
+    def on_stage(s: int) -> list[int]:
+        return [x["rank"] for x in records if x["stage"] == s]
+
     # 1. tokens
     bos = getattr(ready.tokenizer, "bos_id", None)
     text = [f"{t:>4} {i:>7} {p!r}" + ("  <- BOS" if i == bos and t == 0 else "") for t, (i, p) in enumerate(zip(ids, pieces))]
@@ -374,28 +383,28 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
     for h in range(args.n_heads):
         groups.setdefault(kv_of[h], []).append(h)
     gqa = "; ".join(f"KV head {kv} <- query heads {' '.join(map(str, hs))}" for kv, hs in sorted(groups.items()))
-    steps.append(Step(4, "q, k, v", "q = x·wqᵀ, k = x·wkᵀ, v = x·wvᵀ (one stacked matmul, wqkv), split into heads",
+    steps.append(Step(4, "q, k, v", "q = n·wqᵀ, k = n·wkᵀ, v = n·wvᵀ with n = attention_norm(x) (one stacked matmul, wqkv), split into heads",
                       *td("qkv", T, args.n_heads, hd), few(detail["q"]),
-                      [f"q ({T}, {args.n_heads}, {hd}), k ({T}, {args.n_kv_heads}, {hd}), v ({T}, {args.n_kv_heads}, {hd})"
-                       f"  (tokens, heads, head_dim)",
+                      [(f"q ({T}, {args.n_heads}, {hd}), k ({T}, {args.n_kv_heads}, {hd}), "
+                        f"v ({T}, {args.n_kv_heads}, {hd})  (tokens, heads, head_dim)"),
                        f"GQA, {args.n_heads // args.n_kv_heads} query heads per KV head: {gqa}",
                        f"q[{T - 1}, head {head}] = {show(detail['q'])}",
                        f"k[{T - 1}, KV head {kv_of[head]}] = {show(detail['k'])}   v = {show(detail['v'])}"],
-                      where(f"wqkv (column-parallel, KV-head groups): "
-                            + ", ".join(f"rank {r['rank']}: query heads {r['q_heads'][0]}-{r['q_heads'][1] - 1}, "
-                                        f"KV heads {r['kv_heads'][0]}-{r['kv_heads'][1] - 1}" for r in layer_ranks),
+                      where("wqkv (column-parallel, KV-head groups): "
+                            + ", ".join(f"rank {r['rank']}: query heads {span(*r['q_heads'])}, "
+                                        f"KV heads {span(*r['kv_heads'])}" for r in layer_ranks),
                             "each rank computes only its heads; no communication")))
 
     # 5. RoPE
     (b0, b1), (a0, a1), angle = detail["pair"]
-    text = [f"θ_j = theta^(-2j/{hd}), theta = {args.rope_theta:g}: θ_0 = {freqs[0]:.4g}, θ_1 = {freqs[1]:.4g}, "
-            f"θ_{hd // 4} = {freqs[hd // 4]:.4g}, θ_{hd // 2 - 1} = {freqs[-1]:.4g}"]
+    text = [(f"θ_j = theta^(-2j/{hd}), theta = {args.rope_theta:g}: θ_0 = {freqs[0]:.4g}, θ_1 = {freqs[1]:.4g}, "
+             f"θ_{hd // 4} = {freqs[hd // 4]:.4g}, θ_{hd // 2 - 1} = {freqs[-1]:.4g}")]
     if scaling is None:
         text.append("no frequency scaling: this checkpoint has none (Llama 3.1/3.2 checkpoints do)")
     else:
         text += [scaling, f"θ_{hd // 2 - 1}: {base[-1]:.4g} unscaled -> {freqs[-1]:.4g} scaled"]
-    text += [f"q head {head}, position {T - 1}, pair 0 rotated by {T - 1}·θ_0 = {(T - 1) * float(freqs[0]):.4g} rad "
-             f"(≡ {angle:.4g} mod 2π, read off the model's freqs_cis):",
+    text += [(f"q head {head}, position {T - 1}, pair 0 rotated by {T - 1}·θ_0 = {(T - 1) * float(freqs[0]):.4g} rad "
+              f"(≡ {angle:.4g} mod 2π, read off the model's freqs_cis):"),
              f"({b0:.4g}, {b1:.4g}) -> ({a0:.4g}, {a1:.4g}),  length {math.hypot(b0, b1):.4g} -> {math.hypot(a0, a1):.4g}"]
     steps.append(Step(5, "RoPE", "(x0 + i·x1) · e^(i·pos·θ_j) for each (even, odd) pair j of q and k",
                       [T, hd // 2], "float32", few(freqs), text,
@@ -421,8 +430,8 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
 
     # 7. output projection, residual, SwiGLU, residual
     r = lead
-    wo = ", ".join(f"rank {x['rank']}: columns {x['wo_cols'][0]}-{x['wo_cols'][1] - 1}" for x in layer_ranks)
-    ffn = ", ".join(f"rank {x['rank']}: hidden {x['ffn'][0]}-{x['ffn'][1] - 1}" for x in layer_ranks)
+    wo = spans(layer_ranks, "wo_cols", "columns")
+    ffn = spans(layer_ranks, "ffn", "hidden")
     tp = layer_ranks[0]["tp_ranks"]
     steps += [
         Step(7, "output projection", "attn = concat(heads)·woᵀ", *td("attn_proj", T, dim), few(r["attn_proj"]),
@@ -445,26 +454,25 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
     ]
 
     # 8. the other layers, final norm, logits, next token
-    stages = sorted({(x["stage"], tuple(x["layers"]), tuple(x["pp_ranks"])) for x in records})
+    stages = sorted({(x["stage"], tuple(x["layers"])) for x in records})
     text = [f"layer {lid:>3}: ‖x[{T - 1}]‖ = {v.norm():8.4g}   rms = {v.pow(2).mean().sqrt():.4g}"
             + ("   <- the layer above" if lid == layer else "") for lid, v in sorted(resid.items())]
     send = []
-    for (s, (lo, hi), _), nxt in zip(stages, stages[1:]):
-        tp_ranks = [x["rank"] for x in records if x["stage"] == s]
-        send.append(f"after layer {hi - 1}: send_forward ({T}, {dim}) activations from stage {s} ranks "
-                    f"{tp_ranks} to stage {nxt[0]} ranks {[x['rank'] for x in records if x['stage'] == nxt[0]]}")
+    for (s, (_, hi)), (nxt, _) in itertools.pairwise(stages):
+        send.append(f"after layer {hi - 1}: send_forward of the ({T}, {dim}) activations from stage {s} ranks "
+                    f"{on_stage(s)} to stage {nxt} ranks {on_stage(nxt)} (tp-rank r to tp-rank r)")
     steps.append(Step(8, "layers", f"x = layer_i(x) for i = 0..{args.n_layers - 1}: residual-stream norm at the last token",
                       [T, dim], dtype, [float(f"{resid[i].norm():.4g}") for i in sorted(resid)][:FEW], text,
-                      where(*[f"stage {s}: layers {lo}-{hi - 1} on ranks "
-                              f"{[x['rank'] for x in records if x['stage'] == s]}" for s, (lo, hi), _ in stages], *send)))
+                      where(*[f"stage {s}: layers {span(lo, hi)} on ranks {on_stage(s)}" for s, (lo, hi) in stages],
+                            *send)))
     fi, fo = lead["final_in"], lead["final_norm"]
     steps.append(Step(8, "final norm", "x / rms(x) * w (norm), last position only", *td("final_norm", 1, dim), few(fo),
                       [f"x[{T - 1}] = {show(fi)} -> {show(fo)}  (w[:{FEW}] = {show(last['norm_w_final'])})"]))
     heads_rows = [x for x in records if "head_rows" in x]
     steps.append(Step(8, "logits", "logits = norm(x)·outputᵀ" + ("  (output = tok_embeddings, tied)" if args.tie_embeddings else ""),
                       *td("logits", 1, args.vocab_size), few(last["logits_few"]),
-                      [f"one score per vocabulary entry ({args.vocab_size}) for the next token: logits[:{FEW}] = "
-                       f"{show(last['logits_few'])}"],
+                      [(f"one score per vocabulary entry ({args.vocab_size}) for the next token: logits[:{FEW}] = "
+                        f"{show(last['logits_few'])}")],
                       where(f"output head (vocab-parallel): {spans(heads_rows, 'head_rows', 'vocab')}",
                             f"all-gather over tp ranks {heads_rows[0]['tp_ranks']} into full-vocab logits; "
                             f"rank {ready.mesh.sampler_rank} samples and broadcasts the token to every rank")))
@@ -498,9 +506,9 @@ def format_text(exp: Explanation) -> str:
         out += [f"     {line}" for line in s.text]
         out += [f"     [layout] {line}" for line in s.where]
     c = exp.checks
-    out += ["", f"checks: attend() on the hooked q/k/v equals the hooked input of wo: {c['attend_equals_wo_input']}; "
-                f"rotated k equals the KV cache: {c['k_rot_equals_cache']}; "
-                f"|softmax(scores)·v - model| <= {c['softmax_v_max_diff']:.2g}"]
+    out += ["", (f"checks: attend() on the hooked q/k/v equals the hooked input of wo: {c['attend_equals_wo_input']}; "
+                 f"rotated k equals the KV cache: {c['k_rot_equals_cache']}; "
+                 f"|softmax(scores)·v - model| <= {c['softmax_v_max_diff']:.2g}")]
     return "\n".join(out)
 
 
@@ -577,7 +585,7 @@ def write_html(exp: Explanation, directory: str | Path) -> Path:
     except OSError as e:
         raise UserError(f"--out {directory}: cannot create the directory ({e.strerror})") from None
     images = figures(exp)
-    parts = [f"<!doctype html><meta charset='utf-8'><title>llama3-dist explain</title>",
+    parts = ["<!doctype html><meta charset='utf-8'><title>llama3-dist explain</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{font-size:12px}</style>",
              "<h1>One forward pass, tensor by tensor</h1>", f"<pre>{html.escape(format_text(exp))}</pre>"]
     for name, data in images.items():
