@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .args import ModelArgs
+from .args import ModelArgs, RopeScaling
 from .assemble import Ready
 from .errors import UserError
 from .model import Transformer, apply_rotary, attend, rope_frequencies
@@ -78,6 +78,7 @@ class Explanation:
     freqs: Tensor  # (hd/2,) the frequencies the model uses
     base_freqs: Tensor  # (hd/2,) theta^(-2i/d), unscaled
     scaling: str | None  # how the frequencies were scaled, None when not at all
+    llama31_freqs: Tensor  # (hd/2,) what Llama 3.1's scaling would make of base_freqs, for the figure
     checks: dict[str, float | bool]  # recomputation vs the model (attention output, cached keys)
 
 
@@ -489,7 +490,9 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
               "k_rot_equals_cache": all(f["k_rot_equals_cache"] for f in at_layer)}
     attention = torch.stack([probs[h] for h in range(args.n_heads)])
     return Explanation(title, prompt, layer, head, pieces, steps, top[:TOP], top, attention,
-                       [kv_of[h] for h in range(args.n_heads)], freqs, base, scaling, checks)
+                       [kv_of[h] for h in range(args.n_heads)], freqs, base, scaling,
+                       rope_frequencies(dataclasses.replace(args, rope_scaling=RopeScaling(8.0), rope_freq_factors=None)),
+                       checks)
 
 
 # ---------------------------------------------------------------- renderings (cli.py prints them)
@@ -551,9 +554,11 @@ def figures(exp: Explanation) -> dict[str, bytes]:
     out["attention.png"] = _png(fig, plt)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.semilogy(exp.base_freqs.numpy(), "o-", ms=3, label="theta^(-2j/d)")
+    ax.semilogy(exp.base_freqs.numpy(), "o-", ms=3, label="theta^(-2j/d), unscaled")
     if exp.scaling is not None:
-        ax.semilogy(exp.freqs.numpy(), "s-", ms=3, label="scaled (what the model uses)")
+        ax.semilogy(exp.freqs.numpy(), "s-", ms=3, label="scaled: what this model uses")
+    else:
+        ax.semilogy(exp.llama31_freqs.numpy(), "--", label="Llama 3.1 scaling (factor 8), not used by this model")
     ax.set_xlabel("pair j"), ax.set_ylabel("θ_j (radians per position)")
     ax.set_title("rotary frequencies" + (" with and without scaling" if exp.scaling else " (no scaling)"))
     ax.legend()
