@@ -147,6 +147,7 @@ def run_explain(args: argparse.Namespace) -> int:
         check_request,
         explain,
         format_text,
+        prepare_out,
         write_html,
     )
     from .log import setup_logging
@@ -158,6 +159,8 @@ def run_explain(args: argparse.Namespace) -> int:
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     ckpt = open_model_checkpoint(cfg)
     check_request(ckpt.args, prompt, args.layer, args.head)  # before the weights load
+    if args.out and world_from_env()[0] == 0:
+        prepare_out(args.out)
     ready = assemble(cfg, ckpt=ckpt)
     exp = explain(ready, prompt, args.layer, args.head)
     if exp is not None:  # rank 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import importlib.util
 import io
 import itertools
 import math
@@ -522,12 +523,22 @@ def as_json(exp: Explanation) -> dict:
             "next_tokens": [dataclasses.asdict(t) for t in exp.next_tokens], "checks": exp.checks}
 
 
+def prepare_out(directory: str | Path) -> Path:
+    """Create the --out directory and check matplotlib is there, before any weights load."""
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {directory}: cannot create the directory ({e.strerror})") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("explain --out needs matplotlib: pip install 'llama3_dist[explain]'")
+    return out
+
+
 def figures(exp: Explanation) -> dict[str, bytes]:
     """PNG figures: attention heatmaps of every head, rotary frequencies, next-token distribution."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("explain --out needs matplotlib: pip install 'llama3_dist[explain]'") from None
+    import matplotlib  # only --out draws: the optional dependency is imported here, not by every explain
+
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
@@ -584,11 +595,7 @@ def _png(fig, plt) -> bytes:
 
 def write_html(exp: Explanation, directory: str | Path) -> Path:
     """index.html (figures embedded as data URIs, so it stands alone) and the PNGs beside it; returns its path."""
-    out = Path(directory)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {directory}: cannot create the directory ({e.strerror})") from None
+    out = prepare_out(directory)
     images = figures(exp)
     parts = ["<!doctype html><meta charset='utf-8'><title>llama3-dist explain</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{font-size:12px}</style>",

@@ -174,6 +174,13 @@ def test_bad_input_is_one_line_and_exit_2(tiny, capsys, argv, needle):
     assert captured.out == ""
 
 
+def test_unwritable_out_is_one_line_before_loading(tiny, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["explain", "--checkpoint", str(tiny), "--out", str(tmp_path / "file" / "report")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create the directory" in err[0]
+
+
 def test_torchrun_tp2_prints_one_json_object_with_tp1s_tokens(tiny):
     tp2 = cli("--checkpoint", str(tiny), "--prompt", PROMPT, "--head", "8", "--json", "--set", "parallel.tensor=2",
               nproc=2)
