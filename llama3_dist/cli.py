@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layer", type=int, default=0, help="the layer walked through in detail (default 0)")
     e.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
     e.add_argument("--out", metavar="DIR", help="also write DIR/index.html with the figures (PNGs beside it)")
+    e.add_argument("--dtype", choices=sorted(DTYPES))
     e.add_argument("--json", action="store_true", help="one JSON object on stdout (steps, next_tokens)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("-v", "--verbose", action="store_true", help="every rank logs")
@@ -153,7 +154,8 @@ def run_explain(args: argparse.Namespace) -> int:
     from .log import setup_logging
     from .parallel.mesh import shutdown, world_from_env
 
-    sets = list(args.set) + ([f"model.checkpoint={json.dumps(args.checkpoint)}"] if args.checkpoint else [])
+    sets = list(args.set) + [f"{FLAG_KEYS[k]}={json.dumps(getattr(args, k))}" for k in ("checkpoint", "dtype")
+                             if getattr(args, k) is not None]
     cfg = load_config(args.config, sets)
     setup_logging(world_from_env()[0], args.verbose)
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt

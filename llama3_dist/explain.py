@@ -50,7 +50,7 @@ class Step:
     math: str
     shape: list[int] | None = None
     dtype: str | None = None
-    values: list[float] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)  # token ids for the tokens step
     text: list[str] = field(default_factory=list)  # detail lines
     where: list[str] = field(default_factory=list)  # which rank holds what, and the communication
 
@@ -359,7 +359,7 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
     text = [f"{t:>4} {i:>7} {p!r}" + ("  <- BOS" if i == bos and t == 0 else "") for t, (i, p) in enumerate(zip(ids, pieces))]
     if bos is None or ids[0] != bos:
         text.append("(no BOS: this tokenizer does not prepend one)")
-    steps.append(Step(1, "tokens", "ids = tokenizer.encode(prompt)", [T], "int64", [float(i) for i in ids[:FEW]], text))
+    steps.append(Step(1, "tokens", "ids = tokenizer.encode(prompt)", [T], "int64", ids[:FEW], text))
 
     # 2. embedding
     e = lead["embed"]
@@ -417,7 +417,7 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
     order = pr[T - 1].argsort(descending=True)[:3].tolist()
     mask = layer_lead["mask"]
     n = min(T, 6)
-    text = [f"scores[{T - 1}, :] (before the mask) = {show(sc[T - 1].masked_fill(~mask[T - 1], 0))}",
+    text = [f"scores[{T - 1}, :] = {show(sc[T - 1])}  (the last position sees every key: nothing masked in its row)",
             f"causal mask: position t sees positions 0..t (first {n} rows, ■ sees, · masked to -inf):"]
     text += ["    " + " ".join("■" if mask[t, s] else "·" for s in range(n)) for t in range(n)]
     text += [f"softmax row {T - 1} = {show(pr[T - 1])}  (sums to {pr[T - 1].sum():.4g})",
@@ -452,7 +452,8 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
              [f"({T}, {args.hidden_dim}) -> ({T}, {dim}): ffn[{T - 1}] = {show(r['ffn'])}"],
              where(f"w2 (row-parallel): {ffn}", f"all-reduce (sum) over tp ranks {tp}")),
         Step(7, "residual", "out = h + ffn", *td("out", T, dim), few(r["out"]),
-             [f"out[{T - 1}] = {show(r['out'])}  ‖out[{T - 1}]‖ = {r['out'].norm():.4g}: the input of layer {layer + 1}"]),
+             [f"out[{T - 1}] = {show(r['out'])}  ‖out[{T - 1}]‖ = {r['out'].norm():.4g}: the input of "
+              + (f"layer {layer + 1}" if layer + 1 < args.n_layers else "the final norm")]),
     ]
 
     # 8. the other layers, final norm, logits, next token
@@ -505,7 +506,7 @@ def format_text(exp: Explanation) -> str:
     for s in exp.steps:
         number = f"{s.section}." if s.section not in shown else "  "
         shown.add(s.section)
-        shape = f"  ({', '.join(map(str, s.shape))}) {s.dtype}" if s.shape is not None else ""
+        shape = f"  {tuple(s.shape)} {s.dtype}" if s.shape is not None else ""
         out.append(f"{number} {s.name}: {s.math}{shape}")
         out += [f"     {line}" for line in s.text]
         out += [f"     [layout] {line}" for line in s.where]
