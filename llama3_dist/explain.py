@@ -119,13 +119,13 @@ class Probe:
 
     def __init__(self, model: Transformer, layer: int):
         self.seen: dict[str, Tensor] = {}
-        self.resid: dict[int, Tensor] = {}
+        self.resid: dict[int, Tensor] = {}  # layer id -> its output at the last position
         self.handles = []
         if model.mesh.is_pp_first_stage:
             self.output(model.tok_embeddings, "embed")
         for lid, block in model.layers.items():
             self.handles.append(block.register_forward_hook(
-                lambda m, a, out, lid=int(lid): self.resid.__setitem__(lid, out.detach().clone())))
+                lambda m, a, out, lid=int(lid): self.resid.__setitem__(lid, row(out))))
         if str(layer) in model.layers:  # layer N is on this stage
             block = model.layers[str(layer)]
             self.input(block.attention_norm, "x")
@@ -165,7 +165,7 @@ class Probe:
 
 def row(t: Tensor) -> Tensor:
     """The last position's vector of a (1, T, n) activation, float32 on the CPU."""
-    return t[0, -1].float().cpu()
+    return t[0, -1].float().cpu().clone()  # a copy: no view into a buffer the model may reuse
 
 
 def layout(model: Transformer, mesh: Mesh) -> dict:
@@ -203,7 +203,7 @@ def observe(model: Transformer, mesh: Mesh, ids: list[int], layer: int, head: in
     facts["dtypes"] = {name: str((t[0] if isinstance(t, tuple) else t).dtype).removeprefix("torch.")
                        for name, t in seen.items()}
     if lead:
-        facts["resid"] = {lid: row(x) for lid, x in probe.resid.items()}
+        facts["resid"] = probe.resid
         facts["rows"] = {name: row(seen[name]) for name in ("embed", "x", "x_norm", "attn_proj", "h", "h_norm",
                                                            "ffn", "out", "final_in", "final_norm") if name in seen}
     if "qkv" in seen:
