@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import logging
 import os
@@ -157,6 +158,8 @@ def run_explain(args: argparse.Namespace) -> int:
     sets = list(args.set) + [f"{FLAG_KEYS[k]}={json.dumps(getattr(args, k))}" for k in ("checkpoint", "dtype")
                              if getattr(args, k) is not None]
     cfg = load_config(args.config, sets)
+    # explain runs one eager prefill; the fast decode path (compile, CUDA graphs) serves decode steps only
+    cfg.runtime = dataclasses.replace(cfg.runtime, compile=False, cuda_graphs=False)
     setup_logging(world_from_env()[0], args.verbose)
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     ckpt = open_model_checkpoint(cfg)

@@ -103,6 +103,9 @@ def explain(ready: Ready, prompt: str = DEFAULT_PROMPT, layer: int = 0, head: in
     if len(ids) > min(MAX_TOKENS, ready.cfg.runtime.max_seq_len):
         raise UserError(f"explain: the prompt has {len(ids)} tokens; the walkthrough takes at most "
                         f"{min(MAX_TOKENS, ready.cfg.runtime.max_seq_len)}: shorten it")
+    if len(ids) == 1 and ready.model.decode_step is not None:
+        raise UserError("explain: a one-token prompt runs the fast decode step, which hooks do not see; "
+                        "build the model with runtime.compile=false and runtime.cuda_graphs=false")
     facts = observe(ready.model, mesh, ids, layer, head)
     everyone = gather_to_rank0(facts, mesh)
     if everyone is None:
