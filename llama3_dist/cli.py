@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import logging
 import os
@@ -63,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cuda: Llama-3-8B-shaped random weights on the GPU, ours vs transformers")
     b.add_argument("--gpt-fast", metavar="DIR", help="with --device cuda: also time gpt-fast from this checkout")
     b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
+    e = sub.add_parser("explain", help="walk one forward pass of the real model, tensor by tensor")
+    e.add_argument("--config", help="YAML config (see configs/)")
+    e.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
+    e.add_argument("--prompt", help="prompt text (default: the seed's question about life, the universe and everything)")
+    e.add_argument("--layer", type=int, default=0, help="the layer walked through in detail (default 0)")
+    e.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
+    e.add_argument("--out", metavar="DIR", help="also write DIR/index.html with the figures (PNGs beside it)")
+    e.add_argument("--dtype", choices=sorted(DTYPES))
+    e.add_argument("--json", action="store_true", help="one JSON object on stdout (steps, next_tokens)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("-v", "--verbose", action="store_true", help="every rank logs")
     w = sub.add_parser("world-size", help="print the number of ranks a config needs (tensor x pipeline)")
     w.add_argument("--config")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -98,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_bench(args)
             print(json.dumps(rows) if args.json else table(rows))
             return 0
+        if args.command == "explain":
+            return run_explain(args)
         return run_generate(args)
     except UserError as e:
         tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -125,6 +139,41 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"largest rank: {worst.total_bytes / 2**30:.2f} GiB (rank {worst.rank}); "
               f"batch {cfg.runtime.max_batch_size} x {cfg.runtime.max_seq_len} tokens, {cfg.runtime.dtype}")
     return 0 if all(x.fits is not False for x in rows) else 1
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from .assemble import assemble, open_model_checkpoint
+    from .explain import (
+        DEFAULT_PROMPT,
+        as_json,
+        check_request,
+        explain,
+        format_text,
+        prepare_out,
+        write_html,
+    )
+    from .log import setup_logging
+    from .parallel.mesh import shutdown, world_from_env
+
+    sets = list(args.set) + [f"{FLAG_KEYS[k]}={json.dumps(getattr(args, k))}" for k in ("checkpoint", "dtype")
+                             if getattr(args, k) is not None]
+    cfg = load_config(args.config, sets)
+    # explain runs one eager prefill; the fast decode path (compile, CUDA graphs) serves decode steps only
+    cfg.runtime = dataclasses.replace(cfg.runtime, compile=False, cuda_graphs=False)
+    setup_logging(world_from_env()[0], args.verbose)
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    ckpt = open_model_checkpoint(cfg)
+    check_request(ckpt.args, prompt, args.layer, args.head)  # before the weights load
+    if args.out and world_from_env()[0] == 0:
+        prepare_out(args.out)
+    ready = assemble(cfg, ckpt=ckpt)
+    exp = explain(ready, prompt, args.layer, args.head)
+    if exp is not None:  # rank 0
+        if args.out:
+            log.info("wrote %s", write_html(exp, args.out))
+        print(json.dumps(as_json(exp)) if args.json else format_text(exp), flush=True)
+    shutdown()
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
