@@ -1,32 +1,173 @@
 // Decode-time matrix-vector products for CPU: y = x @ W.T for a few rows of x (M <= 16).
 //
-// At batch 1 a decode step is bound by reading the weights once, so the kernel streams each
-// rank's rows of W exactly once, splits them over the torch thread pool, and dots every row of W
-// with all M rows of x while that row sits in L1. fp32 uses AVX-512 FMAs; bf16 uses AVX512-BF16
-// dot products (vdpbf16ps: pairs of bf16 multiplied and summed into fp32 lanes).
-#include <ATen/ATen.h>
+// At batch 1 a decode step is bound by reading the weights once, so the kernel streams each row
+// of W exactly once, splits the rows over the torch thread pool, and dots every row of W with
+// all M rows of x while that row sits in L1.
+//
+// This one source is compiled once per instruction set (kernels/__init__.py picks the flags and
+// one of the L3D_* macros below); each build registers its own op, torch.ops.llama3_dist.gemv_<isa>,
+// so several builds can live in one process (the tests run them side by side):
+//   L3D_AVX512BF16  AVX-512 FMAs; bf16 x bf16 by AVX512-BF16 dot products (vdpbf16ps)
+//   L3D_AVX512      AVX-512 F/BW/VL FMAs; bf16 weights widened to fp32 by a 16-bit shift
+//   L3D_AVX2        AVX2 + FMA, 8 fp32 lanes; bf16 widened the same way
+//   (none)          portable C++: 16-lane loops the compiler vectorises for whatever it targets
+// The bf16 paths other than AVX512-BF16 widen x to fp32 once and each weight in registers, so
+// every product and sum is fp32; the result is rounded to bf16 once.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(L3D_AVX512BF16) || defined(L3D_AVX512) || defined(L3D_AVX2)
 #include <immintrin.h>
+#endif
+
+#if defined(L3D_AVX512BF16)
+#define L3D_ISA avx512bf16
+#elif defined(L3D_AVX512)
+#define L3D_ISA avx512
+#elif defined(L3D_AVX2)
+#define L3D_ISA avx2
+#else
+#define L3D_ISA portable
+#endif
+#define L3D_STR2(x) #x
+#define L3D_STR(x) L3D_STR2(x)
+#define L3D_CAT2(a, b) a##b
+#define L3D_CAT(a, b) L3D_CAT2(a, b)
 
 namespace {
 
 constexpr int64_t kGrain = 64;  // rows of W per task: enough work per thread, still balanced
 
-inline float dot_f32(const float* a, const float* b, int64_t k) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= k; i += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-  }
-  for (; i < k; i += 16) {
-    const __mmask16 m = k - i >= 16 ? 0xFFFF : (__mmask16)((1u << (k - i)) - 1);
-    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+inline float bf16_to_f32(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 
+// ---- one vector of fp32 lanes: zero, load (fp32 or bf16 widened), fma, horizontal sum
+#if defined(L3D_AVX512BF16) || defined(L3D_AVX512)
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(L3D_AVX2)
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline float vsum(Vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+constexpr int kLanes = 16;
+struct Vec {
+  float v[kLanes];
+};
+inline Vec vzero() { return Vec{}; }
+inline Vec vload(const float* p) {
+  Vec r;
+  for (int j = 0; j < kLanes; ++j) r.v[j] = p[j];
+  return r;
+}
+inline Vec vload(const uint16_t* p) {
+  Vec r;
+  for (int j = 0; j < kLanes; ++j) r.v[j] = bf16_to_f32(p[j]);
+  return r;
+}
+inline Vec vfma(Vec a, Vec b, Vec c) {
+  for (int j = 0; j < kLanes; ++j) c.v[j] += a.v[j] * b.v[j];
+  return c;
+}
+inline Vec vadd(Vec a, Vec b) {
+  for (int j = 0; j < kLanes; ++j) a.v[j] += b.v[j];
+  return a;
+}
+inline float vsum(Vec a) {
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += a.v[j];
+  return s;
+}
+#endif
+
+inline float to_f32(float f) { return f; }
+inline float to_f32(uint16_t b) { return bf16_to_f32(b); }
+
+// out[r] = dot(x[r], w) for R rows of fp32 x (row stride ldx) and one row of w (fp32 or bf16 bits).
+// Each weight vector is loaded (and widened) once for all R rows; U independent accumulators per
+// row hide the FMA latency.
+template <int R, typename WT>
+inline void dot_rows(const float* x, int64_t ldx, const WT* w, int64_t k, float* out) {
+  constexpr int U = R == 1 ? 4 : 2;
+  Vec acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = vzero();
+  int64_t i = 0;
+  for (; i + U * kLanes <= k; i += U * kLanes) {
+    for (int u = 0; u < U; ++u) {
+      const Vec wv = vload(w + i + u * kLanes);
+      for (int r = 0; r < R; ++r) acc[r][u] = vfma(vload(x + r * ldx + i + u * kLanes), wv, acc[r][u]);
+    }
+  }
+  for (; i + kLanes <= k; i += kLanes) {
+    const Vec wv = vload(w + i);
+    for (int r = 0; r < R; ++r) acc[r][0] = vfma(vload(x + r * ldx + i), wv, acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    Vec s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = vadd(s, acc[r][u]);
+    out[r] = vsum(s);
+  }
+  for (; i < k; ++i) {  // K tail, shorter than one vector
+    const float wf = to_f32(w[i]);
+    for (int r = 0; r < R; ++r) out[r] += x[r * ldx + i] * wf;
+  }
+}
+
+// Y[m, n] = x[m] . W[n] for the rows n0..n1 of W, M rows of x in blocks of up to 4.
+template <typename WT, typename Store>
+void gemv_rows(const float* X, int64_t M, int64_t K, const WT* W, int64_t n0, int64_t n1, Store store) {
+  float out[4];
+  for (int64_t n = n0; n < n1; ++n) {
+    const WT* w = W + n * K;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      dot_rows<4>(X + m * K, K, w, K, out);
+      for (int r = 0; r < 4; ++r) store(m + r, n, out[r]);
+    }
+    switch (M - m) {
+      case 3: dot_rows<3>(X + m * K, K, w, K, out); break;
+      case 2: dot_rows<2>(X + m * K, K, w, K, out); break;
+      case 1: dot_rows<1>(X + m * K, K, w, K, out); break;
+      default: break;
+    }
+    for (int64_t r = 0; m + r < M; ++r) store(m + r, n, out[r]);
+  }
+}
+
+#if defined(L3D_AVX512BF16)
+// bf16 x bf16 with vdpbf16ps: pairs of bf16 multiplied and summed into fp32 lanes.
 inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t k) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t i = 0;
@@ -42,35 +183,47 @@ inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t k) {
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
-
-}  // namespace
+#endif
 
 at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
-  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "gemv: shapes");
-  TORCH_CHECK(w.is_contiguous() && x_in.scalar_type() == w.scalar_type(), "gemv: layout");
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "gemv: x (M, K), w (N, K)");
+  TORCH_CHECK(w.is_contiguous() && x_in.scalar_type() == w.scalar_type(), "gemv: w contiguous, same dtype as x");
+  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "gemv: CPU tensors only");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
   if (x.scalar_type() == at::kFloat) {
     const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
     float* Y = y.data_ptr<float>();
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; ++m) Y[m * N + n] = dot_f32(X + m * K, W + n * K, K);
+      gemv_rows(X, M, K, W, n0, n1, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
     });
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "gemv: float32 or bfloat16 only");
-    const at::BFloat16 *X = x.data_ptr<at::BFloat16>(), *W = w.data_ptr<at::BFloat16>();
-    at::BFloat16* Y = y.data_ptr<at::BFloat16>();
-    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        for (int64_t m = 0; m < M; ++m) Y[m * N + n] = at::BFloat16(dot_bf16(X + m * K, W + n * K, K));
-    });
+    return y;
   }
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "gemv: float32 or bfloat16 only");
+  const at::BFloat16* Xb = x.data_ptr<at::BFloat16>();
+  at::BFloat16* Y = y.data_ptr<at::BFloat16>();
+#if defined(L3D_AVX512BF16)
+  const at::BFloat16* W = w.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) Y[m * N + n] = at::BFloat16(dot_bf16(Xb + m * K, W + n * K, K));
+  });
+#else
+  std::vector<float> xf(M * K);  // x widened once; the weights are widened in registers
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(Xb[i]);
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    gemv_rows(xf.data(), M, K, W, n0, n1, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = at::BFloat16(v); });
+  });
+#endif
   return y;
 }
 
-// A native op (torch.ops.llama3_dist.gemv): called from Python without a Python wrapper, and
-// from torch.compile's generated code like any aten op.
-TORCH_LIBRARY(llama3_dist, m) { m.def("gemv(Tensor x, Tensor w) -> Tensor"); }
-TORCH_LIBRARY_IMPL(llama3_dist, CPU, m) { m.impl("gemv", &gemv); }
+}  // namespace
+
+// A native op per build (torch.ops.llama3_dist.gemv_<isa>): called from Python without a Python
+// wrapper, and from torch.compile's generated code like any aten op.
+TORCH_LIBRARY_FRAGMENT(llama3_dist, m) { m.def(L3D_STR(L3D_CAT(gemv_, L3D_ISA)) "(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_IMPL(llama3_dist, CPU, m) { m.impl(L3D_STR(L3D_CAT(gemv_, L3D_ISA)), &gemv); }
