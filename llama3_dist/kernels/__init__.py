@@ -136,6 +136,8 @@ def _build(variant: str):
         if baton.exists():
             log.info("removing the stale build lock %s (a build killed earlier)", baton)
             baton.unlink()
+        if not any(out.glob("*.so")):
+            log.info("building the %s decode kernel in %s (once per machine, ~20 s)", variant, out)
         with warnings.catch_warnings():  # torch's compiler-check warnings: our one warning says it all
             warnings.simplefilter("ignore")
             cpp_load(f"llama3_dist_gemv_{variant}", [str(SOURCE)], build_directory=str(out),
@@ -143,7 +145,7 @@ def _build(variant: str):
                      is_python_module=False, verbose=False)
     except BuildError:
         raise
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error: the caller decides
+    except Exception as e:  # no compiler, no ninja, a compile error: the caller decides
         raise BuildError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
     finally:
         lock.close()
