@@ -1,8 +1,10 @@
 """CPU decode kernels, one build per instruction set, chosen at run time from the CPU's features.
 
-`linear(x, w)` is F.linear, except that a few rows of x (a decode step) go through `gemv.cpp`,
-which streams the weights once at close to memory bandwidth. The same source is compiled for each
-variant below with its own -m flags and registers torch.ops.llama3_dist.gemv_<variant>:
+`linear(x, w)` is F.linear, except that a few rows of x (a decode step) go through the gemv of
+`decode.cpp`, which streams the weights once at close to memory bandwidth. `fused(name, x)` hands
+out the fused steps of an eager decode layer (rms_norm, rope, silu_mul, attend_decode). The same
+source is compiled for each variant below with its own -m flags and registers
+torch.ops.llama3_dist.<op>_<variant>:
 
     avx512bf16  AVX-512 F/BW/VL + AVX512-BF16: fp32 FMAs, bf16 dot products (vdpbf16ps)
     avx512      AVX-512 F/BW/VL: fp32 FMAs, bf16 widened to fp32 in registers by a shift
@@ -49,9 +51,10 @@ CFLAGS = {
     "avx2": ["-DL3D_AVX2", "-mavx2", "-mfma", "-mf16c"],
     "portable": [],
 }
-SOURCE = Path(__file__).with_name("gemv.cpp")
+SOURCE = Path(__file__).with_name("decode.cpp")
+FUSED = ("rms_norm", "rope", "silu_mul", "attend_decode")  # ops beside gemv, one per eager decode step part
 
-_ops: dict[str, object] = {}  # variant -> its op, once built and loaded in this process
+_built: set[str] = set()  # variants built and loaded in this process
 _chosen: str | None = None  # the variant linear() uses, "torch" for F.linear; None: not decided yet
 _gemv = None  # the chosen op
 
@@ -105,7 +108,7 @@ def build_dir(variant: str) -> Path:
     """Where `variant` is built: its own folder of TORCH_EXTENSIONS_DIR, per torch version."""
     from torch.utils.cpp_extension import get_default_build_root
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    return root / f"llama3_dist_gemv_{variant}-torch{torch.__version__.split('+')[0]}"
+    return root / f"llama3_dist_kernels_{variant}-torch{torch.__version__.split('+')[0]}"
 
 
 def _lock(path: Path, timeout: float):
@@ -124,8 +127,8 @@ def _lock(path: Path, timeout: float):
             time.sleep(0.1)
 
 
-def _build(variant: str):
-    """Build (or find built) and load `variant`; its op. Raises BuildError."""
+def _build(variant: str) -> None:
+    """Build (or find built) and load `variant`, and give its ops their shapes for torch.compile. Raises BuildError."""
     from torch.utils.cpp_extension import load as cpp_load
     out = build_dir(variant)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,8 +143,9 @@ def _build(variant: str):
             log.info("building the %s decode kernel in %s (once per machine, ~20 s)", variant, out)
         with warnings.catch_warnings():  # torch's compiler-check warnings: our one warning says it all
             warnings.simplefilter("ignore")
-            cpp_load(f"llama3_dist_gemv_{variant}", [str(SOURCE)], build_directory=str(out),
-                     extra_cflags=["-O3", "-fopenmp", *CFLAGS[variant]], extra_ldflags=["-fopenmp"],
+            cpp_load(f"llama3_dist_kernels_{variant}", [str(SOURCE)], build_directory=str(out),
+                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *CFLAGS[variant]],
+                     extra_ldflags=["-fopenmp"],
                      is_python_module=False, verbose=False)
     except BuildError:
         raise
@@ -149,16 +153,21 @@ def _build(variant: str):
         raise BuildError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
     finally:
         lock.close()
-    name = f"llama3_dist::gemv_{variant}"
-    torch.library.register_fake(name)(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
-    return getattr(torch.ops.llama3_dist, f"gemv_{variant}")
+    fakes = {"gemv": lambda x, w: x.new_empty(x.shape[0], w.shape[0]),
+             "rms_norm": lambda x, w, eps: x.new_empty(x.shape),
+             "rope": lambda x, freqs: x.new_empty(x.shape),
+             "silu_mul": lambda gate, up: gate.new_empty(gate.shape),
+             "attend_decode": lambda q, k, v, mask: q.new_empty(q.shape)}
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"llama3_dist::{name}_{variant}")(fake)
 
 
-def op(variant: str):
-    """torch.ops.llama3_dist.gemv_<variant>, built and loaded on first use (raises BuildError)."""
-    if variant not in _ops:
-        _ops[variant] = _build(variant)
-    return _ops[variant]
+def op(variant: str, name: str = "gemv"):
+    """torch.ops.llama3_dist.<name>_<variant>, its variant built and loaded on first use (raises BuildError)."""
+    if variant not in _built:
+        _build(variant)
+        _built.add(variant)
+    return getattr(torch.ops.llama3_dist, f"{name}_{variant}")
 
 
 def load():
@@ -179,6 +188,16 @@ def load():
     _chosen = want
     log.info("decode kernels: %s (CPU: %s)", want, isa_summary())
     return _gemv
+
+
+def fused(name: str, x: Tensor):
+    """The chosen variant's fused op `name` (one of FUSED) for input x, or None: x not a CPU
+    float32/bfloat16 tensor, autograd on, the kernels on F.linear, or inside torch.compile (whose
+    inductor fuses the same steps itself)."""
+    if (_gemv is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        return None
+    return getattr(torch.ops.llama3_dist, f"{name}_{_chosen}")
 
 
 def variant() -> str:

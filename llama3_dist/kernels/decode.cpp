@@ -16,10 +16,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(L3D_AVX512BF16) || defined(L3D_AVX512) || defined(L3D_AVX2)
@@ -221,9 +225,177 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
   return y;
 }
 
+// ---- fused elementwise steps of a decode layer: each replaces 2-12 eager ops. They compute in
+// fp32 and round to the model's dtype exactly where model.py's eager code rounds (built with
+// -ffp-contract=off, so x*c - y*s is two products and a difference, as in eager mode).
+
+inline float ld(float v) { return v; }
+inline float ld(at::BFloat16 v) { return static_cast<float>(v); }
+inline const float* as_bits(const float* p) { return p; }  // the element types dot_rows reads
+inline const uint16_t* as_bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+
+template <typename F>
+void by_dtype(const at::Tensor& t, const char* op, F f) {
+  if (t.scalar_type() == at::kFloat) {
+    f(float{});
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, op, ": float32 or bfloat16 only");
+    f(at::BFloat16{});
+  }
+}
+
+// (x / rms(x)).type_as(x) * w over the last dim; x (..., D) with a contiguous last dim.
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.size(-1) == w_in.numel() && x_in.scalar_type() == w_in.scalar_type(), "rms_norm: shapes/dtypes");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t D = x.size(-1), R = D ? x.numel() / D : 0;
+  auto y = at::empty_like(x);
+  by_dtype(x, "rms_norm", [&](auto tag) {
+    using T = decltype(tag);
+    const T *X = x.data_ptr<T>(), *W = w.data_ptr<T>();
+    T* Y = y.data_ptr<T>();
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = X + r * D;
+        float acc[16] = {};
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16)
+          for (int j = 0; j < 16; ++j) acc[j] += ld(xr[i + j]) * ld(xr[i + j]);
+        float ss = 0.f;
+        for (int j = 0; j < 16; ++j) ss += acc[j];
+        for (; i < D; ++i) ss += ld(xr[i]) * ld(xr[i]);
+        const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+        for (int64_t d = 0; d < D; ++d) Y[r * D + d] = T(ld(T(ld(xr[d]) * inv)) * ld(W[d]));
+      }
+    });
+  });
+  return y;
+}
+
+// Rotary embedding: each (even, odd) pair of x (B, T, H, hd) times e^(i pos freq), freqs (B, T, hd/2, 2).
+at::Tensor rope(const at::Tensor& x_in, const at::Tensor& f_in) {
+  TORCH_CHECK(x_in.dim() == 4 && f_in.dim() == 4 && f_in.scalar_type() == at::kFloat, "rope: x (B,T,H,hd), fp32 freqs");
+  const at::Tensor x = x_in.contiguous(), f = f_in.contiguous();
+  const int64_t BT = x.size(0) * x.size(1), H = x.size(2), hd = x.size(3);
+  TORCH_CHECK(f.size(0) * f.size(1) == BT && f.size(2) * 2 == hd && f.size(3) == 2, "rope: freqs shape");
+  auto y = at::empty_like(x);
+  by_dtype(x, "rope", [&](auto tag) {
+    using T = decltype(tag);
+    const T* X = x.data_ptr<T>();
+    const float* Fr = f.data_ptr<float>();
+    T* Y = y.data_ptr<T>();
+    at::parallel_for(0, BT * H, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* cs = Fr + (i / H) * hd;  // (hd/2, 2): cos, sin of this token's position
+        const T* xi = X + i * hd;
+        T* yi = Y + i * hd;
+        for (int64_t j = 0; j < hd / 2; ++j) {
+          const float x0 = ld(xi[2 * j]), x1 = ld(xi[2 * j + 1]), c = cs[2 * j], s = cs[2 * j + 1];
+          yi[2 * j] = T(x0 * c - x1 * s);
+          yi[2 * j + 1] = T(x0 * s + x1 * c);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// silu(gate) * up, rounded to the dtype after the silu as eager F.silu(gate) * up is; (R, H) views
+// with a contiguous last dim (the two halves of the stacked w1|w3 product).
+at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
+  TORCH_CHECK(g_in.sizes() == u_in.sizes() && g_in.scalar_type() == u_in.scalar_type(), "silu_mul: shapes/dtypes");
+  const int64_t H = g_in.size(-1), R = H ? g_in.numel() / H : 0;
+  const at::Tensor g = g_in.reshape({R, H}), u = u_in.reshape({R, H});
+  TORCH_CHECK(g.stride(1) == 1 && u.stride(1) == 1, "silu_mul: last dim must be contiguous");
+  auto y = at::empty(g_in.sizes(), g_in.options());
+  by_dtype(g, "silu_mul", [&](auto tag) {
+    using T = decltype(tag);
+    const T *G = g.data_ptr<T>(), *U = u.data_ptr<T>();
+    T* Y = y.data_ptr<T>();
+    const int64_t gs = g.stride(0), us = u.stride(0);
+    at::parallel_for(0, R * H, 512, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = i / H, h = i % H;
+        const float a = ld(G[r * gs + h]);
+        Y[i] = T(ld(T(a / (1.0f + std::exp(-a)))) * ld(U[r * us + h]));
+      }
+    });
+  });
+  return y;
+}
+
+// One decode step of grouped-query attention, in fp32: q (B, Hq, 1, hd); k, v (B, Hkv, S, hd)
+// (strided views of the cache); mask (B, 1, 1, S), True where a key is seen. Each KV head is
+// read once per query head of its group, straight from the cache (no fp32 copy of it).
+at::Tensor attend_decode(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_in) {
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(), "attend_decode: shapes");
+  TORCH_CHECK(k.scalar_type() == q_in.scalar_type() && v.scalar_type() == q_in.scalar_type(), "attend_decode: dtypes");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "attend_decode: head_dim must be contiguous");
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), hd = q_in.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == hd && Hq % Hkv == 0, "attend_decode: shapes");
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor mask = mask_in.expand({B, 1, 1, S}).to(at::kBool).contiguous();
+  auto y = at::empty({B, Hq, 1, hd}, q.options());
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const int64_t group = Hq / Hkv;
+  by_dtype(q, "attend_decode", [&](auto tag) {
+    using T = decltype(tag);
+    const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
+    const bool* M = mask.data_ptr<bool>();
+    T* Y = y.data_ptr<T>();
+    const int64_t kb = k.stride(0), kh = k.stride(1), ks = k.stride(2);
+    const int64_t vb = v.stride(0), vh = v.stride(1), vs = v.stride(2);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S * hd));
+    at::parallel_for(0, B * Hq, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> p(S), qf(hd), acc(hd);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / Hq, h = i % Hq, g = h / group;
+        const T* Kh = K + b * kb + g * kh;
+        const T* Vh = V + b * vb + g * vh;
+        const bool* Mb = M + b * S;
+        for (int64_t d = 0; d < hd; ++d) qf[d] = ld(Q[i * hd + d]);
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < S; ++s) {
+          if (!Mb[s]) continue;
+          float dot;
+          dot_rows<1>(qf.data(), hd, as_bits(Kh + s * ks), hd, &dot);
+          p[s] = dot * scale;
+          mx = std::max(mx, p[s]);
+        }
+        float sum = 0.f;
+        for (int64_t s = 0; s < S; ++s) {
+          p[s] = Mb[s] ? std::exp(p[s] - mx) : 0.f;
+          sum += p[s];
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t s = 0; s < S; ++s) {
+          if (p[s] == 0.f) continue;
+          const float ps = p[s] / sum;
+          for (int64_t d = 0; d < hd; ++d) acc[d] += ps * ld(Vh[s * vs + d]);
+        }
+        for (int64_t d = 0; d < hd; ++d) Y[i * hd + d] = T(acc[d]);
+      }
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
-// A native op per build (torch.ops.llama3_dist.gemv_<isa>): called from Python without a Python
-// wrapper, and from torch.compile's generated code like any aten op.
-TORCH_LIBRARY_FRAGMENT(llama3_dist, m) { m.def(L3D_STR(L3D_CAT(gemv_, L3D_ISA)) "(Tensor x, Tensor w) -> Tensor"); }
-TORCH_LIBRARY_IMPL(llama3_dist, CPU, m) { m.impl(L3D_STR(L3D_CAT(gemv_, L3D_ISA)), &gemv); }
+// Native ops per build (torch.ops.llama3_dist.gemv_<isa> & co.): called from Python without a
+// Python wrapper, and from torch.compile's generated code like any aten op.
+#define L3D_OP(name) L3D_STR(L3D_CAT(name, L3D_CAT(_, L3D_ISA)))
+TORCH_LIBRARY_FRAGMENT(llama3_dist, m) {
+  m.def(L3D_OP(gemv) "(Tensor x, Tensor w) -> Tensor");
+  m.def(L3D_OP(rms_norm) "(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def(L3D_OP(rope) "(Tensor x, Tensor freqs) -> Tensor");
+  m.def(L3D_OP(silu_mul) "(Tensor gate, Tensor up) -> Tensor");
+  m.def(L3D_OP(attend_decode) "(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(llama3_dist, CPU, m) {
+  m.impl(L3D_OP(gemv), &gemv);
+  m.impl(L3D_OP(rms_norm), &rms_norm);
+  m.impl(L3D_OP(rope), &rope);
+  m.impl(L3D_OP(silu_mul), &silu_mul);
+  m.impl(L3D_OP(attend_decode), &attend_decode);
+}
