@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .errors import UserError
 from .log import peak_rss_bytes
 
@@ -149,7 +150,8 @@ def run_ours(args) -> dict:
     out = {"prefill_ms": done[0].prefill_ms, "decode_tok_s": done[0].decode_tokens_per_s * args.batch,
            "tokens": [c.tokens for c in done], "peak_rss": peak_rss_bytes(), "peak_gpu": peak_gpu_bytes(),
            "read_bytes_per_step": (weights - table) * mesh.world_size,
-           "kv_bytes_per_step": kv_bytes(ckpt.args, args), "rank": mesh.rank}
+           "kv_bytes_per_step": kv_bytes(ckpt.args, args), "rank": mesh.rank,
+           "kernels": kernels.variant() if mesh.device.type == "cpu" else None}
     shutdown()
     return out
 
@@ -334,7 +336,6 @@ def read_bandwidth(seconds: float = 1.5, device: str = "cpu") -> float:
     """
     if device == "cuda":
         return _gpu_read_bandwidth(seconds)
-    from . import kernels
     x = torch.ones(256 * 2**20, dtype=torch.float32)
     readers = [lambda: x.sum()]
     if kernels.load() is not None:  # the kernel's fp32 and bf16 streams, over the same 1 GiB
@@ -453,7 +454,7 @@ def run_bench(args) -> list[dict]:
 def summarize(s: Setting, results: dict, bandwidth: float, args) -> dict:
     ours = results.get("ours", {})
     row = {"setting": s.name, "dtype": s.dtype, "batch": s.batch, "bandwidth_gb_s": bandwidth / 1e9,
-           "engines": {}}
+           "cpu_isa": kernels.isa_summary(), "kernels": ours.get("kernels"), "engines": {}}
     for engine, r in results.items():
         if "error" in r:
             row["engines"][engine] = r
@@ -509,6 +510,8 @@ def table(rows: list[dict]) -> str:
     if rows:
         gbs = ", ".join(f"{r['bandwidth_gb_s']:.1f}" for r in rows)
         lines.append(f"read bandwidth measured before each setting (GB/s): {gbs}")
+        lines.append(f"CPU instruction sets: {rows[0]['cpu_isa']}; decode kernels: "
+                     f"{', '.join(sorted({str(r['kernels']) for r in rows}))}")
     return "\n".join(lines)
 
 

@@ -149,6 +149,80 @@ def test_the_op_compiles_into_one_graph(force):
     assert f"llama3_dist.gemv_{SUPPORTED[0]}" in nodes, nodes
 
 
+# ---- fused decode steps: each equals model.py's eager math (written out here, as model.py has it)
+
+def eager_rms_norm(x, w, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+
+def eager_rope(x, freqs):  # x (B, T, H, hd), freqs (B, T, hd/2, 2)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = freqs.unsqueeze(2).unbind(-1)
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(3).type_as(x)
+
+
+def eager_attend_decode(q, k, v, mask):  # q (B, Hq, 1, hd); k, v (B, Hkv, S, hd); mask (B, 1, 1, S)
+    B, Hq, _, hd = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, hd).float()
+    scores = (qg @ k.float().transpose(-1, -2) * hd**-0.5).masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v.float()).type_as(q).view(B, Hq, 1, hd)
+
+
+def assert_near(got, want, fp32_tol):
+    """fp32 within fp32_tol of |want|'s max; bf16 within one bf16 rounding of each element."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    err = (got.float() - want.float()).abs()
+    if got.dtype == torch.float32:
+        assert err.max().item() <= fp32_tol * max(want.abs().max().item(), 1.0)
+    else:
+        assert bool((err <= 2.0**-7 * want.float().abs() + 1e-30).all()), err.max().item()
+
+
+@pytest.mark.parametrize("variant", SUPPORTED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_steps_equal_the_eager_math(variant, dtype, force):
+    force(variant)
+    assert kernels.variant() == variant
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        x, w = torch.randn(3, 2, 577, generator=g).to(dtype), torch.randn(577, generator=g).to(dtype)
+        assert_near(kernels.fused("rms_norm", x)(x, w, 1e-5), eager_rms_norm(x, w, 1e-5), 1e-6)
+
+        q = torch.randn(2, 1, 9, 64, generator=g).to(dtype)
+        angles = torch.rand(2, 1, 32, generator=g) * 300
+        freqs = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+        assert_near(kernels.fused("rope", q)(q, freqs), eager_rope(q, freqs), 1e-6)
+
+        gate, up = (torch.randn(2, 1, 2 * 1537, generator=g) * 4).to(dtype).split([1537, 1537], dim=-1)
+        assert not gate.is_contiguous()  # the two halves of the stacked w1|w3 product
+        assert_near(kernels.fused("silu_mul", gate)(gate, up), F.silu(gate) * up, 1e-6)
+
+        B, Hq, Hkv, S, hd = 2, 9, 3, 37, 64
+        cache_k, cache_v = (torch.randn(B + 1, Hkv, 50, hd, generator=g).to(dtype) for _ in range(2))
+        k, v = cache_k[:B, :, :S], cache_v[:B, :, :S]  # views of the cache, as the model passes them
+        q = torch.randn(B, 1, Hq, hd, generator=g).to(dtype).transpose(1, 2)
+        mask = (torch.arange(S) <= torch.tensor([[20], [36]]).unsqueeze(-1)).unsqueeze(1)  # (B, 1, 1, S)
+        with RecordOps() as ops:
+            got = kernels.fused("attend_decode", q)(q, k, v, mask)
+        assert ops.names == [f"llama3_dist.attend_decode_{variant}.default"]
+        assert_near(got, eager_attend_decode(q, k, v, mask), 1e-5)
+
+
+def test_no_fused_ops_on_torch_or_with_autograd(force):
+    x = torch.randn(2, 8)
+    force("torch")
+    assert kernels.fused("rms_norm", x) is None
+    force(SUPPORTED[0])
+    with torch.inference_mode():
+        assert kernels.fused("rms_norm", x) is getattr(torch.ops.llama3_dist, f"rms_norm_{SUPPORTED[0]}")
+    with torch.enable_grad():
+        assert kernels.fused("rms_norm", x) is None
+    with torch.inference_mode():
+        assert kernels.fused("rms_norm", x.to(torch.float16)) is None
+
+
 # ---- the build: failures fall back once, locks never hang (each case in a fresh process and cache)
 
 PROBE = """

@@ -194,8 +194,8 @@ def fused(name: str, x: Tensor):
     """The chosen variant's fused op `name` (one of FUSED) for input x, or None: x not a CPU
     float32/bfloat16 tensor, autograd on, the kernels on F.linear, or inside torch.compile (whose
     inductor fuses the same steps itself)."""
-    if (_gemv is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
-            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+            or torch.is_grad_enabled() or load() is None):
         return None
     return getattr(torch.ops.llama3_dist, f"{name}_{_chosen}")
 
