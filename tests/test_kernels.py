@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -147,6 +148,25 @@ def test_the_op_compiles_into_one_graph(force):
         assert torch.equal(got, f(x, w))
     [nodes] = graphs
     assert f"llama3_dist.gemv_{SUPPORTED[0]}" in nodes, nodes
+
+
+def test_variants_this_cpu_cannot_run_still_compile(tmp_path):
+    """Code for instruction sets this CPU lacks runs only elsewhere; here it must at least compile
+    (same flags as the build, object files only: loading them could execute an unknown instruction)."""
+    from torch.utils.cpp_extension import include_paths
+    others = [v for v in kernels.VARIANTS if v not in SUPPORTED]
+    if platform.machine() not in ("x86_64", "AMD64"):  # the x86 variants need an x86 compiler
+        assert SUPPORTED == ["portable"]
+        return
+    procs = {v: subprocess.Popen([os.environ.get("CXX", "c++"), "-std=c++20", "-O3", "-fopenmp", "-ffp-contract=off",
+                                  *kernels.CFLAGS[v], *[f"-I{p}" for p in include_paths()], "-c", str(kernels.SOURCE),
+                                  "-o", str(tmp_path / f"{v}.o")], stderr=subprocess.PIPE, text=True)
+             for v in others}
+    for v, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, f"{v}: {err[-2000:]}"
+        assert (tmp_path / f"{v}.o").stat().st_size > 0
+    assert set(others) | set(SUPPORTED) == set(kernels.VARIANTS)
 
 
 # ---- fused decode steps: each equals model.py's eager math (written out here, as model.py has it)
