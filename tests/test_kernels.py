@@ -169,6 +169,17 @@ def test_variants_this_cpu_cannot_run_still_compile(tmp_path):
     assert set(others) | set(SUPPORTED) == set(kernels.VARIANTS)
 
 
+def test_a_variant_the_cpu_lacks_is_one_error_line_from_the_cli():
+    wanted = next((v for v in kernels.VARIANTS if v not in SUPPORTED), "avx9000")  # avx9000: no CPU has it
+    env = {**os.environ, "LLAMA3_DIST_KERNELS": wanted}
+    r = subprocess.run([sys.executable, "-m", "llama3_dist", "generate", "--prompt", "hi", "--max-new-tokens", "2"],
+                       env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 2 and r.stdout == ""
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [line for line in r.stderr.splitlines() if "LLAMA3_DIST_KERNELS" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: LLAMA3_DIST_KERNELS={wanted}: ") and "Traceback" not in r.stderr
+
+
 # ---- fused decode steps: each equals model.py's eager math (written out here, as model.py has it)
 
 def eager_rms_norm(x, w, eps):
