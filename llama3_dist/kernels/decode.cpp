@@ -149,21 +149,101 @@ inline void dot_rows(const float* x, int64_t ldx, const WT* w, int64_t k, float*
   }
 }
 
+#if defined(L3D_AVX512BF16) || defined(L3D_AVX512) || defined(L3D_AVX2)
+#define L3D_PAIRS 1
+// bf16 weights read in pairs: each 32-bit lane of one load holds w[2j] (low half) and w[2j+1]
+// (high half); a shift gives w[2j] as fp32 and a mask gives w[2j+1], two instructions for two
+// vectors of weights. x is rearranged to match once per call (pair_layout).
+inline void vload_pairs(const uint16_t* p, Vec& even, Vec& odd) {
+#if defined(L3D_AVX2)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#else
+  const __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+#endif
+}
+
+// Per block of 2 * kLanes elements of x: its even elements, then its odd ones; the tail as it is.
+void pair_layout(const float* x, int64_t k, float* xp) {
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= k; i += 2 * kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      xp[i + j] = x[i + 2 * j];
+      xp[i + kLanes + j] = x[i + 2 * j + 1];
+    }
+  for (; i < k; ++i) xp[i] = x[i];
+}
+
+// dot_rows for bf16 weights and x in pair_layout.
+template <int R>
+inline void dot_rows_pairs(const float* xp, int64_t ldx, const uint16_t* w, int64_t k, float* out) {
+  constexpr int U = R == 1 ? 2 : 1;
+  Vec acc[R][2 * U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 2 * U; ++u) acc[r][u] = vzero();
+  int64_t i = 0;
+  for (; i + 2 * U * kLanes <= k; i += 2 * U * kLanes) {
+    for (int u = 0; u < U; ++u) {
+      Vec e, o;
+      const int64_t at = i + 2 * u * kLanes;
+      vload_pairs(w + at, e, o);
+      for (int r = 0; r < R; ++r) {
+        acc[r][2 * u] = vfma(vload(xp + r * ldx + at), e, acc[r][2 * u]);
+        acc[r][2 * u + 1] = vfma(vload(xp + r * ldx + at + kLanes), o, acc[r][2 * u + 1]);
+      }
+    }
+  }
+  for (; i + 2 * kLanes <= k; i += 2 * kLanes) {
+    Vec e, o;
+    vload_pairs(w + i, e, o);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = vfma(vload(xp + r * ldx + i), e, acc[r][0]);
+      acc[r][1] = vfma(vload(xp + r * ldx + i + kLanes), o, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    Vec t = acc[r][0];
+    for (int u = 1; u < 2 * U; ++u) t = vadd(t, acc[r][u]);
+    out[r] = vsum(t);
+  }
+  for (; i < k; ++i) {
+    const float wf = bf16_to_f32(w[i]);
+    for (int r = 0; r < R; ++r) out[r] += xp[r * ldx + i] * wf;
+  }
+}
+#endif
+
+struct PlainDot {
+  template <int R, typename WT>
+  static void run(const float* x, int64_t ldx, const WT* w, int64_t k, float* out) { dot_rows<R>(x, ldx, w, k, out); }
+};
+#if defined(L3D_PAIRS)
+struct PairDot {
+  template <int R>
+  static void run(const float* x, int64_t ldx, const uint16_t* w, int64_t k, float* out) {
+    dot_rows_pairs<R>(x, ldx, w, k, out);
+  }
+};
+#endif
+
 // Y[m, n] = x[m] . W[n] for the rows n0..n1 of W, M rows of x in blocks of up to 4.
-template <typename WT, typename Store>
+template <typename Dot, typename WT, typename Store>
 void gemv_rows(const float* X, int64_t M, int64_t K, const WT* W, int64_t n0, int64_t n1, Store store) {
   float out[4];
   for (int64_t n = n0; n < n1; ++n) {
     const WT* w = W + n * K;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
-      dot_rows<4>(X + m * K, K, w, K, out);
+      Dot::template run<4>(X + m * K, K, w, K, out);
       for (int r = 0; r < 4; ++r) store(m + r, n, out[r]);
     }
     switch (M - m) {
-      case 3: dot_rows<3>(X + m * K, K, w, K, out); break;
-      case 2: dot_rows<2>(X + m * K, K, w, K, out); break;
-      case 1: dot_rows<1>(X + m * K, K, w, K, out); break;
+      case 3: Dot::template run<3>(X + m * K, K, w, K, out); break;
+      case 2: Dot::template run<2>(X + m * K, K, w, K, out); break;
+      case 1: Dot::template run<1>(X + m * K, K, w, K, out); break;
       default: break;
     }
     for (int64_t r = 0; m + r < M; ++r) store(m + r, n, out[r]);
@@ -201,7 +281,7 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
     const float *X = x.data_ptr<float>(), *W = w.data_ptr<float>();
     float* Y = y.data_ptr<float>();
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      gemv_rows(X, M, K, W, n0, n1, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
+      gemv_rows<PlainDot>(X, M, K, W, n0, n1, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = v; });
     });
     return y;
   }
@@ -218,9 +298,14 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
   std::vector<float> xf(M * K);  // x widened once; the weights are widened in registers
   for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(Xb[i]);
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    gemv_rows(xf.data(), M, K, W, n0, n1, [&](int64_t m, int64_t n, float v) { Y[m * N + n] = at::BFloat16(v); });
-  });
+  auto store = [&](int64_t m, int64_t n, float v) { Y[m * N + n] = at::BFloat16(v); };
+#if defined(L3D_PAIRS)
+  std::vector<float> xp(M * K);
+  for (int64_t m = 0; m < M; ++m) pair_layout(xf.data() + m * K, K, xp.data() + m * K);
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { gemv_rows<PairDot>(xp.data(), M, K, W, n0, n1, store); });
+#else
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { gemv_rows<PlainDot>(xf.data(), M, K, W, n0, n1, store); });
+#endif
 #endif
   return y;
 }
