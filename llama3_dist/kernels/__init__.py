@@ -7,7 +7,7 @@ source is compiled for each variant below with its own -m flags and registers
 torch.ops.llama3_dist.<op>_<variant>:
 
     avx512bf16  AVX-512 F/BW/VL + AVX512-BF16: fp32 FMAs, bf16 dot products (vdpbf16ps)
-    avx512      AVX-512 F/BW/VL: fp32 FMAs, bf16 widened to fp32 in registers by a shift
+    avx512      AVX-512 F/BW/VL: fp32 FMAs, bf16 widened to fp32 in registers (a shift and a mask)
     avx2        AVX2 + FMA + F16C: the same on 8 lanes (the x86-64 baseline of the last decade)
     portable    plain C++ the compiler vectorises for its default target (any CPU, ARM included)
 
