@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import kernels
 from ..assemble import assemble
 from ..checkpoint import open_checkpoint
 from ..checkpoint.synthetic import RandomCheckpoint
@@ -56,7 +57,8 @@ def run_ours(args) -> dict:
     out = {"prefill_ms": done[0].prefill_ms, "decode_tok_s": done[0].decode_tokens_per_s * args.batch,
            "tokens": [c.tokens for c in done], "peak_rss": peak_rss_bytes(), "peak_gpu": peak_gpu_bytes(),
            "read_bytes_per_step": (weights - table) * mesh.world_size,
-           "kv_bytes_per_step": kv_bytes(ckpt.args, args), "rank": mesh.rank}
+           "kv_bytes_per_step": kv_bytes(ckpt.args, args), "rank": mesh.rank,
+           "kernels": kernels.variant() if mesh.device.type == "cpu" else None}
     shutdown()
     return out
 

@@ -153,7 +153,7 @@ def run_bench(args) -> list[dict]:
 def summarize(s: Setting, results: dict, bandwidth: float, args) -> dict:
     ours = results.get("ours", {})
     row = {"setting": s.name, "dtype": s.dtype, "batch": s.batch, "bandwidth_gb_s": bandwidth / 1e9,
-           "engines": {}}
+           "cpu_isa": kernels.isa_summary(), "kernels": ours.get("kernels"), "engines": {}}
     for engine, r in results.items():
         if "error" in r:
             row["engines"][engine] = r
@@ -209,4 +209,6 @@ def table(rows: list[dict]) -> str:
     if rows:
         gbs = ", ".join(f"{r['bandwidth_gb_s']:.1f}" for r in rows)
         lines.append(f"read bandwidth measured before each setting (GB/s): {gbs}")
+        lines.append(f"CPU instruction sets: {rows[0]['cpu_isa']}; decode kernels: "
+                     f"{', '.join(sorted({str(r['kernels']) for r in rows}))}")
     return "\n".join(lines)

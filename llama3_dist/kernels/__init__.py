@@ -1,63 +1,219 @@
-"""Optional CPU kernels for decode: an AVX-512 / AVX512-BF16 matrix-vector product, JIT-built once.
+"""CPU decode kernels, one build per instruction set, chosen at run time from the CPU's features.
 
-`linear(x, w)` is F.linear, except that on a CPU with AVX512-BF16 a few rows of x (a decode step)
-go through `gemv.cpp`, which streams the weights once at close to memory bandwidth. The kernel is
-compiled with torch.utils.cpp_extension on first use and cached (TORCH_EXTENSIONS_DIR); without a
-compiler or the CPU features, or with LLAMA3_DIST_KERNELS=torch, everything stays on F.linear.
+`linear(x, w)` is F.linear, except that a few rows of x (a decode step) go through the gemv of
+`decode.cpp`, which streams the weights once at close to memory bandwidth. `fused(name, x)` hands
+out the fused steps of an eager decode layer (rms_norm, rope, silu_mul, attend_decode). The same
+source is compiled for each variant below with its own -m flags and registers
+torch.ops.llama3_dist.<op>_<variant>:
+
+    avx512bf16  AVX-512 F/BW/VL + AVX512-BF16: fp32 FMAs, bf16 dot products (vdpbf16ps)
+    avx512      AVX-512 F/BW/VL: fp32 FMAs, bf16 widened to fp32 in registers (a shift and a mask)
+    avx2        AVX2 + FMA + F16C: the same on 8 lanes (the x86-64 baseline of the last decade)
+    portable    plain C++ the compiler vectorises for its default target (any CPU, ARM included)
+
+Dispatch: the first variant of that list whose flags /proc/cpuinfo lists (read once). The
+environment variable LLAMA3_DIST_KERNELS=auto|avx512bf16|avx512|avx2|portable|torch forces one
+(torch: F.linear everywhere); forcing a variant this CPU cannot execute is a UserError naming the
+ones it can. Each variant is JIT-built once with torch.utils.cpp_extension into its own folder of
+TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), under an flock so that one process (rank)
+builds while the others wait, at most LLAMA3_DIST_KERNELS_TIMEOUT seconds (default 600). A
+killed build cannot block later runs: the flock dies with its process, and torch's own lock file
+left in the folder is removed by whoever holds the flock. If the build fails (no compiler) or the
+wait times out, decode stays on F.linear, with one warning.
 """
 from __future__ import annotations
 
+import fcntl
+import functools
 import logging
 import os
+import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # above this, x @ W.T is a real matrix product and oneDNN/MKL win
-_gemv = None
-_tried = False
+VARIANTS = ("avx512bf16", "avx512", "avx2", "portable")  # best first
+CHOICES = ("auto", *VARIANTS, "torch")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx2", "fma")
+REQUIRES = {"avx512bf16": (*_AVX512, "avx512_bf16"), "avx512": _AVX512, "avx2": ("avx2", "fma", "f16c"), "portable": ()}
+CFLAGS = {
+    "avx512bf16": ["-DL3D_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma",
+                   "-mf16c"],
+    "avx512": ["-DL3D_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-DL3D_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "portable": [],
+}
+SOURCE = Path(__file__).with_name("decode.cpp")
+FUSED = ("rms_norm", "rope", "silu_mul", "attend_decode")  # ops beside gemv, one per eager decode step part
+
+_built: set[str] = set()  # variants built and loaded in this process
+_chosen: str | None = None  # the variant linear() uses, "torch" for F.linear; None: not decided yet
+_gemv = None  # the chosen op
 
 
-def _cpu_has(*flags: str) -> bool:
+class BuildError(RuntimeError):
+    """A kernel variant could not be built or loaded (no compiler, a compile error, a lock timeout)."""
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, ARM `Features`); empty where unreadable."""
     try:
         with open("/proc/cpuinfo") as f:
-            line = next(x for x in f if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    have = set(line.split())
-    return all(flag in have for flag in flags)
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
-def load() -> object | None:
-    """The compiled op (torch.ops.llama3_dist.gemv), or None where it cannot be had (logged once)."""
-    global _gemv, _tried
-    if _tried:
-        return _gemv
-    _tried = True
-    if os.environ.get("LLAMA3_DIST_KERNELS", "auto") == "torch":
-        return None
-    if not _cpu_has("avx512f", "avx512_bf16"):
-        log.info("CPU lacks AVX-512 BF16: decode matmuls use torch's kernels")
-        return None
+def supported() -> list[str]:
+    """The variants this CPU can execute, best first (portable always)."""
+    have = cpu_flags()
+    return [v for v in VARIANTS if all(flag in have for flag in REQUIRES[v])]
+
+
+def isa_summary() -> str:
+    """The instruction sets that matter here, as listed by the CPU (e.g. 'avx2 fma f16c')."""
+    wanted = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma", "f16c", "asimd", "sve")
+    return " ".join(f for f in wanted if f in cpu_flags()) or "none of avx2/avx512/neon listed"
+
+
+def requested() -> str:
+    """The variant LLAMA3_DIST_KERNELS asks for, resolved ('auto' -> the best supported one)."""
+    want = os.environ.get("LLAMA3_DIST_KERNELS", "auto").strip().lower() or "auto"
+    if want not in CHOICES:
+        raise UserError(f"LLAMA3_DIST_KERNELS={want}: unknown kernel variant; use one of {', '.join(CHOICES)}")
+    can = supported()
+    if want == "auto":
+        return can[0]
+    if want != "torch" and want not in can:
+        missing = " ".join(f for f in REQUIRES[want] if f not in cpu_flags())
+        raise UserError(f"LLAMA3_DIST_KERNELS={want}: this CPU lacks {missing}; use auto or one of "
+                        f"{', '.join([*can, 'torch'])}")
+    return want
+
+
+def build_dir(variant: str) -> Path:
+    """Where `variant` is built: its own folder of TORCH_EXTENSIONS_DIR, per torch version."""
+    from torch.utils.cpp_extension import get_default_build_root
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"llama3_dist_kernels_{variant}-torch{torch.__version__.split('+')[0]}"
+
+
+def _lock(path: Path, timeout: float):
+    """An exclusive flock on `path`, waiting at most `timeout` seconds; the open file (close to release)."""
+    f = open(path, "a+")  # noqa: SIM115 - held until the build is done
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                f.close()
+                raise BuildError(f"waited {timeout:g} s for another process building {path.with_suffix('')} "
+                                 f"(raise LLAMA3_DIST_KERNELS_TIMEOUT, or remove the folder)") from None
+            time.sleep(0.1)
+
+
+def _build(variant: str) -> None:
+    """Build (or find built) and load `variant`, and give its ops their shapes for torch.compile. Raises BuildError."""
+    from torch.utils.cpp_extension import load as cpp_load
+    out = build_dir(variant)
+    out.mkdir(parents=True, exist_ok=True)
+    timeout = float(os.environ.get("LLAMA3_DIST_KERNELS_TIMEOUT", "600"))
+    lock = _lock(out.with_name(out.name + ".lock"), timeout)
     try:
-        from torch.utils.cpp_extension import load as build
-        build("llama3_dist_gemv", [str(Path(__file__).with_name("gemv.cpp"))], is_python_module=False,
-              extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
-              verbose=False)
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: fall back, never fail
-        log.warning("could not build the gemv kernel (%s); using torch's kernels", str(e).splitlines()[0])
-        return None
-    torch.library.register_fake("llama3_dist::gemv")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
-    _gemv = torch.ops.llama3_dist.gemv
+        baton = out / "lock"  # torch's FileBaton: under our flock nobody else builds here, so it is stale
+        if baton.exists():
+            log.info("removing the stale build lock %s (a build killed earlier)", baton)
+            baton.unlink()
+        if not any(out.glob("*.so")):
+            log.info("building the %s decode kernel in %s (once per machine, ~20 s)", variant, out)
+        with warnings.catch_warnings():  # torch's compiler-check warnings: our one warning says it all
+            warnings.simplefilter("ignore")
+            cpp_load(f"llama3_dist_kernels_{variant}", [str(SOURCE)], build_directory=str(out),
+                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *CFLAGS[variant]],
+                     extra_ldflags=["-fopenmp"],
+                     is_python_module=False, verbose=False)
+    except BuildError:
+        raise
+    except Exception as e:  # no compiler, no ninja, a compile error: the caller decides
+        raise BuildError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
+    finally:
+        lock.close()
+    fakes = {"gemv": lambda x, w: x.new_empty(x.shape[0], w.shape[0]),
+             "rms_norm": lambda x, w, eps: x.new_empty(x.shape),
+             "rope": lambda x, freqs: x.new_empty(x.shape),
+             "silu_mul": lambda gate, up: gate.new_empty(gate.shape),
+             "attend_decode": lambda q, k, v, mask: q.new_empty(q.shape)}
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"llama3_dist::{name}_{variant}")(fake)
+
+
+def op(variant: str, name: str = "gemv"):
+    """torch.ops.llama3_dist.<name>_<variant>, its variant built and loaded on first use (raises BuildError)."""
+    if variant not in _built:
+        _build(variant)
+        _built.add(variant)
+    return getattr(torch.ops.llama3_dist, f"{name}_{variant}")
+
+
+def load():
+    """The op linear() uses, or None where decode stays on F.linear (LLAMA3_DIST_KERNELS=torch, a failed build).
+
+    Decided once per process and logged; a failed build warns once.
+    """
+    global _chosen, _gemv
+    if _chosen is not None:
+        return _gemv
+    want = requested()
+    if want != "torch":
+        try:
+            _gemv = op(want)
+        except BuildError as e:
+            log.warning("could not build the %s decode kernel (%s); decode matmuls use torch's F.linear", want, e)
+            want = "torch"
+    _chosen = want
+    log.info("decode kernels: %s (CPU: %s)", want, isa_summary())
     return _gemv
 
 
+def fused(name: str, x: Tensor):
+    """The chosen variant's fused op `name` (one of FUSED) for input x, or None: x not a CPU
+    float32/bfloat16 tensor, autograd on, the kernels on F.linear, or inside torch.compile (whose
+    inductor fuses the same steps itself)."""
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+            or torch.is_grad_enabled() or load() is None):
+        return None
+    return getattr(torch.ops.llama3_dist, f"{name}_{_chosen}")
+
+
+def variant() -> str:
+    """The variant linear() uses: one of VARIANTS, or 'torch' (F.linear)."""
+    load()
+    return _chosen
+
+
+def reset() -> None:
+    """Forget the dispatch decision (built ops stay loaded): the next load() reads LLAMA3_DIST_KERNELS again."""
+    global _chosen, _gemv
+    _chosen = _gemv = None
+
+
 def gemv(x: Tensor, w: Tensor) -> Tensor:
-    """x (M, K) @ w (N, K).T with the streaming kernel (load() must have succeeded)."""
+    """x (M, K) @ w (N, K).T with the chosen kernel (load() must have returned an op)."""
     return _gemv(x, w)
 
 
