@@ -140,8 +140,7 @@ def broadcast_object(obj: object, src: int, group: Group) -> object:
 
 def recv(x: Tensor, src: int) -> Tensor:
     """Point-to-point receive from global rank src into x; waits at most the world group's timeout."""
-    me = dist.get_rank()
-    with guarded(f"recv from rank {src}", (me, src), src):
+    with guarded(f"recv from rank {src}", tuple(sorted((dist.get_rank(), src))), src):
         dist.recv(x, src)
     return x
 
@@ -149,19 +148,18 @@ def recv(x: Tensor, src: int) -> Tensor:
 class Sent:
     """A pending isend: wait() before reusing the tensor."""
 
-    def __init__(self, work: dist.Work, ranks: tuple[int, int]):
-        self.work, self.ranks = work, ranks
+    def __init__(self, work: dist.Work, dst: int):
+        self.work, self.dst = work, dst
 
     def wait(self) -> None:
-        with guarded(f"send to rank {self.ranks[1]}", self.ranks, self.ranks[1]):
+        with guarded(f"send to rank {self.dst}", tuple(sorted((dist.get_rank(), self.dst))), self.dst):
             self.work.wait()
 
 
 def isend(x: Tensor, dst: int) -> Sent:
     """Non-blocking send to global rank dst."""
-    ranks = (dist.get_rank(), dst)
-    with guarded(f"send to rank {dst}", ranks, dst):
-        return Sent(dist.isend(x.contiguous(), dst), ranks)
+    with guarded(f"send to rank {dst}", tuple(sorted((dist.get_rank(), dst))), dst):
+        return Sent(dist.isend(x.contiguous(), dst), dst)
 
 
 def barrier(group: Group) -> None:

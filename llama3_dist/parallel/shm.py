@@ -74,13 +74,19 @@ def remove_stale_segments(shm_dir: Path = SHM_DIR) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, another user's
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]  # the field after "(comm)"
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 class ShmUnavailable(Exception):
