@@ -67,6 +67,13 @@ def model_args(cfg: Config) -> ModelArgs:
     return open_model_checkpoint(cfg).args
 
 
+def check_vocab(tok, ckpt: Checkpoint) -> None:
+    """Raise UserError when the tokenizer has ids the model's embedding does not."""
+    if tok.n_words > ckpt.args.vocab_size:
+        raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
+                        f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint")
+
+
 def set_threads(threads: int | None) -> None:
     """Give each rank its share of the cores so ranks on one host do not oversubscribe them."""
     if threads is None:
@@ -94,9 +101,7 @@ def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool = True
     tok = None
     if tokenizer:
         tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
-        if tok.n_words > ckpt.args.vocab_size:
-            raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
-                            f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint")
+        check_vocab(tok, ckpt)
     layer_ids = stage_layer_ids(ckpt.args, cfg.parallel, mesh)
     log.info("loading %s (%s, %d layers%s) as %s", ckpt.path, type(ckpt).__name__.removesuffix("Checkpoint"),
              ckpt.args.n_layers, f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",

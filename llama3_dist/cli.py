@@ -160,7 +160,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .assemble import assemble
+    from .assemble import assemble, check_vocab, open_model_checkpoint
+    from .checkpoint import open_tokenizer
     from .generate import check_prompts, generate, warm_up
     from .log import setup_logging
     from .parallel.mesh import init_distributed, shutdown, world_from_env
@@ -175,10 +176,13 @@ def run_generate(args: argparse.Namespace) -> int:
         if not t.strip():
             raise UserError(f"prompt {i} is empty: give some text with --prompt")
     gen = cfg.generate
-    ready = assemble(cfg, mesh=mesh)
-    model, tok = ready.model, ready.tokenizer
+    # tokenize and check the prompts before any weights load, so a bad prompt is one line and quick
+    ckpt = open_model_checkpoint(cfg)
+    tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
+    check_vocab(tok, ckpt)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if gen.chat else tok.encode(t) for t in texts]
     check_prompts(prompts, gen.max_new_tokens, cfg.runtime.max_seq_len, cfg.runtime.max_batch_size)
+    model = assemble(cfg, ckpt, tokenizer=False, mesh=mesh).model
     if model.decode_step is not None:  # compile / capture now, at the final cache size
         warm_up(model, mesh, len(prompts), max(map(len, prompts)) + gen.max_new_tokens, cfg.parallel.microbatches)
     stream = mesh.is_rank0 and not args.json and len(prompts) == 1

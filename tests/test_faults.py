@@ -18,7 +18,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from checkpoints import random_model, tiny_config, write_gguf
+from distributed import run_ranks
+
+from llama3_dist.errors import CollectiveError
+from llama3_dist.parallel.comm import all_reduce
+from llama3_dist.parallel.mesh import Mesh, build_mesh
 
 TIMEOUT_S = 5  # runtime.timeout_s of the faulty jobs
 GRACE_S = 10  # a survivor must be gone within TIMEOUT_S + GRACE_S of the fault
@@ -175,3 +181,25 @@ def test_a_killed_rank_ends_its_peer_without_a_launcher(tiny, tmp_path, collecti
     lost = r"rank 1 \(pid \d+\) has exited" if collectives == "shm" else r"lost rank 1 \(.+\)"
     check_error_line(read(errs[0]), rf"error: \[rank 0\] (shm )?(all_reduce|all_gather|broadcast\b.*) over ranks "
                                     rf"\(0, 1\): {lost}")
+
+
+def _silent_peer_in_a_short_group(mesh: Mesh):
+    """A group made with a 2 s timeout (the world group has 60 s): rank 1 sleeps, rank 0 must give up in ~2 s."""
+    short = build_mesh(2, 1, torch.device("cpu"), shm=False, timeout_s=2)
+    if mesh.rank == 1:
+        time.sleep(8)
+        return None
+    start = time.monotonic()
+    try:
+        all_reduce(torch.ones(2), short.tp)
+    except CollectiveError as e:
+        return time.monotonic() - start, str(e)
+    return time.monotonic() - start, "no error"
+
+
+def test_sub_groups_get_the_timeout():
+    """new_group gets runtime.timeout_s, not gloo's 30-minute default."""
+    took, err = run_ranks(_silent_peer_in_a_short_group, 2, timeout=180)[0]
+    print(f"\nall_reduce on a group with a 2 s timeout gave up after {took:.1f} s")
+    assert re.match(rf"all_reduce over ranks \(0, 1\): rank 1 {SILENT}", err), err
+    assert took < 6, took
