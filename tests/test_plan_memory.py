@@ -21,7 +21,8 @@ MiB = 2**20
 
 def status(key: str) -> int:
     """A /proc/self/status memory field in bytes (VmRSS: now, VmHWM: peak)."""
-    line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(key + ":"))
     return int(line.split()[1]) * 1024
 
 
