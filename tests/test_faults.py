@@ -138,7 +138,7 @@ def test_a_stopped_rank_ends_the_job(tiny, tmp_path, layout, stop, message):
             kill_all(workers(job).values())
             job.kill()
             job.communicate(timeout=30)
-    check_error_line(read(rank_log(tmp_path / "logs", survivor, "stderr")), message)
+    print(check_error_line(read(rank_log(tmp_path / "logs", survivor, "stderr")), message))
     # torchrun's failure report: the survivor ended on its own, with exit code 1
     assert re.search(rf"rank\s*:\s*{survivor} \(local_rank: {survivor}\)\s*\n\s*exitcode\s*:\s*1 ", err), err[-3000:]
     assert job.returncode != 0
@@ -179,8 +179,8 @@ def test_a_killed_rank_ends_its_peer_without_a_launcher(tiny, tmp_path, collecti
     assert code == 1
     assert took < TIMEOUT_S + GRACE_S, took
     lost = r"rank 1 \(pid \d+\) has exited" if collectives == "shm" else r"lost rank 1 \(.+\)"
-    check_error_line(read(errs[0]), rf"error: \[rank 0\] (shm )?(all_reduce|all_gather|broadcast\b.*) over ranks "
-                                    rf"\(0, 1\): {lost}")
+    print(check_error_line(read(errs[0]), rf"error: \[rank 0\] (shm )?(all_reduce|all_gather|broadcast\b.*) over ranks "
+                                    rf"\(0, 1\): {lost}"))
 
 
 def _silent_peer_in_a_short_group(mesh: Mesh):

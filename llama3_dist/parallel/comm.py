@@ -73,6 +73,7 @@ def collective_error(op: str, ranks: tuple[int, ...], e: BaseException, peer: in
     """CollectiveError for a failed op; peer: the silent rank when known (the other one of a pair)."""
     lines = [x for x in str(e).splitlines() if x.strip()]
     cause = re.sub(r"^\[[^\]]*\]\s*", "", lines[0].strip()) if lines else type(e).__name__  # drop [file.cc:N]
+    cause = cause.split(". ")[0].rstrip(".")  # gloo appends advice sentences; the first says what happened
     me = dist.get_rank() if dist.is_initialized() else None
     others = [r for r in ranks if r != me]
     if peer is None and len(others) == 1:
