@@ -93,7 +93,8 @@ def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool = True
         tokenizer: also open the tokenizer (model.tokenizer, else the checkpoint's own).
         warm: (batch, seq_len) to warm the decode step up at, so compiling and graph capture
             happen now and not in the first request; only done when runtime.compile or CUDA graphs are on.
-        mesh: an existing mesh (tests); default: join the torchrun job described by cfg.parallel.
+        mesh: an existing mesh (the CLI joins the job first to share stdin; tests); default: join the
+            torchrun job described by cfg.parallel.
     """
     mesh = mesh or init_distributed(cfg.parallel, cfg.runtime)
     set_threads(cfg.runtime.threads)

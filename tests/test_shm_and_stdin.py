@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import selectors
 import signal
 import stat
@@ -158,3 +159,13 @@ def test_two_jobs_on_one_host_at_once_do_not_collide(tiny):
     assert all(j.returncode == 0 for j in jobs), [e[-2000:] for _, e in outs]
     for (out, _), prompt in zip(outs, ("first job", "second job")):
         assert json.loads(out)["tokens"] == single(tiny, prompt)
+
+
+def test_an_empty_stdin_is_one_error_line_per_rank_after_joining(tiny):
+    """The ranks have joined the job (to share stdin), so they end with os._exit: no hang, no traceback."""
+    job = torchrun(2, "--checkpoint", str(tiny), "--set", "parallel.tensor=2", *ARGS, stdin="")
+    out, err = job.communicate("", timeout=240)
+    assert job.returncode != 0 and out == ""
+    for rank in range(2):
+        assert err.count(f"error: [rank {rank}] no prompt given: pass --prompt TEXT") == 1, err[-3000:]
+    assert not re.search(r'File ".*/llama3_dist/', err), err[-3000:]  # no traceback through our code
