@@ -167,5 +167,5 @@ def test_an_empty_stdin_is_one_error_line_per_rank_after_joining(tiny):
     out, err = job.communicate("", timeout=240)
     assert job.returncode != 0 and out == ""
     for rank in range(2):
-        assert err.count(f"error: [rank {rank}] no prompt given: pass --prompt TEXT") == 1, err[-3000:]
+        assert err.count(f"error: [rank {rank}] prompt 0 is empty: give some text") == 1, err[-3000:]
     assert not re.search(r'File ".*/llama3_dist/', err), err[-3000:]  # no traceback through our code
