@@ -68,12 +68,17 @@ def model_args(cfg: Config) -> ModelArgs:
     return open_model_checkpoint(cfg).args
 
 
-def open_tokenizer_for(cfg: Config, ckpt: Checkpoint) -> Tokenizer:
-    """model.tokenizer, else the checkpoint's own; it must fit the model's vocabulary."""
-    tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
+def check_vocab(tok, ckpt: Checkpoint) -> None:
+    """Raise UserError when the tokenizer has ids the model's embedding does not."""
     if tok.n_words > ckpt.args.vocab_size:
         raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
                         f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint")
+
+
+def open_tokenizer_for(cfg: Config, ckpt: Checkpoint) -> Tokenizer:
+    """model.tokenizer, else the checkpoint's own; it must fit the model's vocabulary."""
+    tok = open_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else ckpt.tokenizer()
+    check_vocab(tok, ckpt)
     return tok
 
 
@@ -96,7 +101,8 @@ def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool | Toke
         tokenizer: True: open it (open_tokenizer_for); False: none; or the one already opened.
         warm: (batch, seq_len) to warm the decode step up at, so compiling and graph capture
             happen now and not in the first request; only done when runtime.compile or CUDA graphs are on.
-        mesh: an existing mesh (tests); default: join the torchrun job described by cfg.parallel.
+        mesh: an existing mesh (the CLI joins the job first to share stdin; tests); default: join the
+            torchrun job described by cfg.parallel.
     """
     mesh = mesh or init_distributed(cfg.parallel, cfg.runtime)
     set_threads(cfg.runtime.threads)

@@ -1,7 +1,9 @@
 """`llama3-dist generate`: argparse, config, distributed setup, and the only place that prints.
 
 Results go to stdout on rank 0 only; diagnostics go to stderr; a user error is one stderr line
-and exit code 2 on every rank that hits it, never a traceback or a hang.
+and exit code 2 on every rank that hits it, never a traceback or a hang. A peer rank that stops
+answering is one stderr line and exit code 1 on every surviving rank, which then ends at once
+(no barrier, no teardown that could wait on the silent peer).
 """
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 
+import torch.distributed as dist
+
 from .config import DTYPES, Config, load_config
-from .errors import UserError
+from .errors import CollectiveError, UserError
 
 log = logging.getLogger("llama3_dist")
 
@@ -27,8 +32,16 @@ FLAG_KEYS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a bad flag reported as one `error:` line (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}; see {self.prog} --help", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama3-dist", description=__doc__.splitlines()[0])
+    parser = Parser(prog="llama3-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from one or more prompts")
     g.add_argument("--config", help="YAML config (see configs/)")
@@ -114,11 +127,30 @@ def main(argv: list[str] | None = None) -> int:
             return run_explain(args)
         return run_generate(args)
     except UserError as e:
-        tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"error: {tag}{e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(2, rank, str(e))
+    except (CollectiveError, dist.DistError) as e:  # a peer stopped answering, or the job never formed
+        return fail(1, rank, one_line(e))
     except KeyboardInterrupt:
-        return 130
+        return fail(130, rank, None)
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an error, without a C++ [file.cc:N] prefix."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(e).__name__
+    return text if isinstance(e, CollectiveError) else f"torch.distributed: {text}"
+
+
+def fail(code: int, rank: int, message: str | None) -> int:
+    """Print `error: [rank N] message`; in a multi-rank job end this process now, so it never waits on a peer."""
+    if message is not None:
+        tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"error: {tag}{message}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skip atexit and process-group teardown: either could block on the silent peer
+    return code
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -180,23 +212,24 @@ def run_generate(args: argparse.Namespace) -> int:
     from .assemble import assemble, open_model_checkpoint, open_tokenizer_for
     from .generate import check_prompts, generate, warm_up
     from .log import setup_logging
-    from .parallel.mesh import shutdown, world_from_env
+    from .parallel.mesh import init_distributed, shutdown, world_from_env
 
     cfg = config_from_args(args)
     setup_logging(world_from_env()[0], args.verbose)
-    texts = args.prompt or ([sys.stdin.read()] if not sys.stdin.isatty() else [])
+    mesh = init_distributed(cfg.parallel, cfg.runtime)
+    texts = args.prompt or read_stdin(mesh)
     if not texts:
         raise UserError("no prompt given: pass --prompt TEXT (repeatable) or pipe text on stdin")
     for i, t in enumerate(texts):
         if not t.strip():
             raise UserError(f"prompt {i} is empty: give some text with --prompt")
     gen = cfg.generate
+    # tokenize and check the prompts before any weights load, so a bad prompt is one line and quick
     ckpt = open_model_checkpoint(cfg)
     tok = open_tokenizer_for(cfg, ckpt)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) if gen.chat else tok.encode(t) for t in texts]
     check_prompts(prompts, gen.max_new_tokens, cfg.runtime.max_seq_len, cfg.runtime.max_batch_size)
-    ready = assemble(cfg, ckpt, tok)
-    mesh, model = ready.mesh, ready.model
+    model = assemble(cfg, ckpt, tok, mesh=mesh).model
     if model.decode_step is not None:  # compile / capture now, at the final cache size
         warm_up(model, mesh, len(prompts), max(map(len, prompts)) + gen.max_new_tokens, cfg.parallel.microbatches)
     stream = mesh.is_rank0 and not args.json and len(prompts) == 1
@@ -211,6 +244,15 @@ def run_generate(args: argparse.Namespace) -> int:
         report(args, texts, results, tok, printer)
     shutdown()
     return 0
+
+
+def read_stdin(mesh) -> list[str]:
+    """The prompt piped on stdin: rank 0 alone reads it and sends it to every rank ([] from a terminal)."""
+    from .parallel.comm import broadcast_object
+    texts = None
+    if mesh.is_rank0:
+        texts = [sys.stdin.read()] if not sys.stdin.isatty() else []
+    return broadcast_object(texts, 0, mesh.world)
 
 
 class StopStrings:

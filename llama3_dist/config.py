@@ -141,9 +141,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         try:
             data = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix its syntax "
+                              f"(see configs/*.yaml)") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections (model, parallel, ...)")
+            raise ConfigError(f"{path}: top level must be a mapping of sections (model:, parallel:, ...), got "
+                              f"a {type(data).__name__}; see configs/*.yaml")
         for section, values in data.items():
             if not isinstance(values, dict):
                 _section(cfg, section)
@@ -211,6 +213,11 @@ def _coerce(key: str, value, hint):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5, inf and nan as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ConfigError(f"{key}: must be a finite number, got {value!r}")

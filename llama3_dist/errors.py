@@ -15,3 +15,10 @@ class TokenizerError(UserError):
 
 class ConfigError(UserError):
     """A config value or key is wrong; the message names the dotted key."""
+
+
+class CollectiveError(RuntimeError):
+    """A peer rank stopped answering (hung, stopped, killed, unreachable): the job cannot go on.
+
+    Not a UserError: the CLI prints it as one line too, but exits 1, on every surviving rank.
+    """

@@ -56,7 +56,10 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     """Next token per row from float logits (B, V): greedy at temperature 0, else top-k then top-p."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # subtract the max before dividing: the top logit becomes 0 and the rest <= 0, so a tiny
+    # temperature drives them to -inf (probability 0), never to inf - inf = NaN
+    z = logits.float()
+    probs = torch.softmax((z - z.amax(dim=-1, keepdim=True)) / params.temperature, dim=-1)
     if params.top_k:
         kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
         probs = probs.masked_fill(probs < kth, 0.0)

@@ -25,16 +25,24 @@ class RankPlan:
     fits: bool | None
 
 
-def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int) -> int:
-    """Estimate of the largest live activations: a prefill micro-batch through one layer, plus logits."""
+def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int, scores: bool) -> int:
+    """Estimate of the largest live activations: a prefill micro-batch through one layer, plus logits.
+
+    Per token: the layer's widest activations, with rope's float copies of q and k. With scores
+    (CPU), also one layer's (batch, local heads, seq_len, seq_len) attention scores and boolean
+    mask, which torch's CPU attention materialises; CUDA's fused kernels work in tiles instead.
+    """
     args, tokens = model.args, batch * seq_len
-    widest = 0
+    widest, heads = 0, 0
     for block in model.layers.values():
         attn, ffn = block.attention, block.feed_forward
         qkv = (attn.n_local_heads + 2 * attn.n_local_kv_heads) * attn.head_dim
-        widest = max(widest, 4 * args.dim + qkv + 3 * ffn.w2.weight.shape[1])
+        rope = 2 * (attn.n_local_heads + attn.n_local_kv_heads) * attn.head_dim
+        widest = max(widest, 4 * args.dim + qkv + rope + 3 * ffn.w2.weight.shape[1])
+        heads = max(heads, attn.n_local_heads)
+    attention = batch * seq_len * seq_len * (heads * elem + 1) if scores else 0
     logits = batch * args.vocab_size * 4 if model.mesh.is_pp_last_stage else 0
-    return tokens * widest * elem + logits
+    return tokens * widest * elem + attention + logits
 
 
 def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None) -> list[RankPlan]:
@@ -50,7 +58,7 @@ def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None) -> list
         params = sum(x.numel() * x.element_size() for x in model.parameters())
         kv = 2 * model.cache.k.numel() * model.cache.k.element_size()
         micro = -(-r.max_batch_size // cfg.parallel.microbatches)
-        work = workspace_bytes(model, micro, r.max_seq_len, r.torch_dtype.itemsize)
+        work = workspace_bytes(model, micro, r.max_seq_len, r.torch_dtype.itemsize, r.device == "cpu")
         total = params + kv + work
         rows.append(RankPlan(rank, mesh.stage, mesh.tp.rank, f"{layers.start}-{layers.stop - 1}", params, kv,
                              work, total, None if device_memory is None else total <= device_memory))

@@ -14,7 +14,7 @@ from gguf import GGUFReader
 from torch import nn
 
 from .. import kernels
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TokenizerError
 from ..model import Transformer
 from ..parallel.mesh import Mesh
 from ..tokenizer import gguf_tokenizer, hf_tokenizer, llama3_tokenizer
@@ -39,17 +39,25 @@ def _open(p: Path, path: str | Path) -> Checkpoint:
     if p.is_file():
         if is_gguf(p):
             return GGUFCheckpoint(p)
-        raise CheckpointError(f"{path}: not a GGUF file (expected a Meta dir, a Hugging Face dir or a .gguf file)")
+        raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF'); give a Meta dir, "
+                              f"a Hugging Face dir or a .gguf file")
+    if (p / "params.json").is_file() and (p / "config.json").is_file():
+        raise CheckpointError(f"{path}: holds both params.json (Meta) and config.json (Hugging Face), so its "
+                              f"format is ambiguous; keep each format in a directory of its own")
     if (p / "params.json").is_file():
         return MetaCheckpoint(p)
     if (p / "config.json").is_file():
         return HFCheckpoint(p)
-    raise CheckpointError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this directory")
+    raise CheckpointError(f"{path}: not a checkpoint: no params.json (Meta) or config.json (Hugging Face) in "
+                          f"this directory; give a Meta dir, a Hugging Face dir or a .gguf file")
 
 
 def is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
 
 
 def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: range | None = None) -> Transformer:
@@ -131,8 +139,15 @@ def default_checkpoint() -> Path:
 def open_tokenizer(path: str | Path):
     """A tokenizer from a path: Meta tokenizer.model, a Hugging Face dir, or a .gguf file."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise TokenizerError(f"tokenizer not found: {path} (give a tokenizer.model, a Hugging Face dir or a .gguf)")
     if p.is_dir():
         return hf_tokenizer(p)
-    if p.is_file() and is_gguf(p):
-        return gguf_tokenizer(GGUFReader(p))
+    if is_gguf(p):
+        try:
+            reader = GGUFReader(p)
+        except (ValueError, OSError, IndexError, KeyError) as e:
+            raise TokenizerError(f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt, "
+                                 f"copy it again") from None
+        return gguf_tokenizer(reader)
     return llama3_tokenizer(p)

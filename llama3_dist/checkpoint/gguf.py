@@ -58,7 +58,8 @@ class GGUFCheckpoint(Checkpoint):
         try:
             self.reader = GGUFReader(path)
         except (ValueError, OSError, IndexError, KeyError) as e:
-            raise CheckpointError(f"cannot read {path}: {e} (the file is truncated or not GGUF)") from None
+            raise CheckpointError(f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt, "
+                                  f"copy it again") from None
         self.tensors = {meta_name(t.name): t for t in self.reader.tensors if t.name != ROPE_FREQS}
         for name, t in self.tensors.items():
             if t.tensor_type not in SUPPORTED:

@@ -108,12 +108,21 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        fix = "it is truncated or corrupt, copy it again"
         try:
+            size = path.stat().st_size
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise CheckpointError(f"{path}: not a safetensors file (its header length {n} exceeds the "
+                                          f"file's {size} bytes); {fix}")
                 header = json.loads(f.read(n))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"cannot read {path}: {e} (the file is truncated or not safetensors)") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); {fix}") from None
+        if not isinstance(header, dict) or not all(
+                isinstance(v, dict) and "data_offsets" in v and "shape" in v and "dtype" in v
+                for k, v in header.items() if k != "__metadata__"):
+            raise CheckpointError(f"{path}: the safetensors header is not a table of tensors; {fix}")
         header.pop("__metadata__", None)
         self.base = 8 + n
         self.entries = header  # name -> {"dtype", "shape", "data_offsets": [begin, end]}
@@ -179,7 +188,8 @@ class HFCheckpoint(Checkpoint):
         self.files: dict[str, SafetensorsFile] = {}
         for file in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
             if not (path / file).is_file():
-                raise CheckpointError(f"{path}: shard {file} listed in the index is missing")
+                raise CheckpointError(f"{path}: shard {file} named in {index.name} is missing; copy it into "
+                                      f"this directory")
             self.files[file] = SafetensorsFile(path / file)
         if weight_map is None:
             weight_map = {k: "model.safetensors" for k in self.files["model.safetensors"].entries}

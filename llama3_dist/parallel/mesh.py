@@ -7,6 +7,7 @@ are `tensor` apart.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,8 +17,10 @@ import torch.distributed as dist
 
 from ..config import ParallelConfig, RuntimeConfig
 from ..errors import ConfigError
-from .comm import Group
-from .shm import SHM_DIR, ShmCollectives
+from .comm import Group, barrier, guarded
+from .shm import ShmCollectives, ShmUnavailable, supported
+
+log = logging.getLogger(__name__)
 
 
 def rank_grid(tensor: int, pipeline: int) -> list[list[int]]:
@@ -119,13 +122,32 @@ def init_distributed(parallel: ParallelConfig, runtime: RuntimeConfig) -> Mesh:
     if world_size == 1:
         return Mesh.single(dev)
     backend = resolve_backend(parallel.backend, runtime.device)
+    if backend == "nccl":
+        # a collective that times out aborts its communicator and ends the process instead of blocking
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "1")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=runtime.timeout_s))
-    shm = parallel.collectives == "shm"
-    if parallel.collectives == "auto":
-        one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size
-        shm = runtime.device == "cpu" and one_host and SHM_DIR.is_dir()
+    shm = use_shm(parallel, runtime, world_size, rank)
     return build_mesh(parallel.tensor, parallel.pipeline, dev, shm, runtime.timeout_s)
+
+
+def use_shm(parallel: ParallelConfig, runtime: RuntimeConfig, world_size: int, rank: int = 0) -> bool:
+    """Whether the tensor-parallel groups get shared-memory collectives (parallel.collectives).
+
+    'auto' picks them for CPU ranks that all share this host; 'shm' asks for them. Either way they
+    are refused, with one INFO line, where they are unsafe (a CPU without x86 store ordering).
+    """
+    if parallel.collectives == "backend" or runtime.device != "cpu" or parallel.tensor == 1:
+        return False
+    if parallel.collectives == "auto" and int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) != world_size:
+        return False
+    why = supported()
+    if why is not None:
+        if rank == 0:
+            log.info("shared-memory collectives off (%s); using gloo", why)
+        return False
+    return True
 
 
 def build_mesh(tensor: int, pipeline: int, device: torch.device, shm: bool = False,
@@ -144,7 +166,14 @@ def build_mesh(tensor: int, pipeline: int, device: torch.device, shm: bool = Fal
     mesh = Mesh.for_rank(rank, tensor, pipeline, device, groups)
     if not (shm and tensor > 1):
         return mesh
-    tp = dataclasses.replace(mesh.tp, shm=ShmCollectives(mesh.tp.rank, tensor, mesh.tp.pg, timeout_s))
+    try:
+        with guarded("shared-memory setup", mesh.tp.ranks):
+            collectives = ShmCollectives(mesh.tp.rank, tensor, mesh.tp.pg, timeout_s)
+    except ShmUnavailable as e:
+        if rank == 0:
+            log.info("shared-memory collectives off (%s); using gloo", e)
+        return mesh
+    tp = dataclasses.replace(mesh.tp, shm=collectives)
     world = dataclasses.replace(mesh.world, shm=tp.shm if pipeline == 1 else None)
     return dataclasses.replace(mesh, tp=tp, world=world)
 
@@ -152,5 +181,5 @@ def build_mesh(tensor: int, pipeline: int, device: torch.device, shm: bool = Fal
 def shutdown() -> None:
     """Leave the job cleanly once every rank is done (gloo aborts at exit if its group is still up)."""
     if dist.is_initialized():
-        dist.barrier()
+        barrier(Group(dist.get_rank(), dist.get_world_size(), tuple(range(dist.get_world_size()))))
         dist.destroy_process_group()

@@ -55,7 +55,7 @@ def llama3_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     """Parse a tiktoken ranks file (tiktoken's loader caches local files in /tmp by path and goes stale)."""
-    hint = "pass Meta's Llama 3 tokenizer.model"
+    hint = "pass Meta's Llama 3 tokenizer.model, a Hugging Face dir or a .gguf"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
