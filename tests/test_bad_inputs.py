@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import random_model, tiny_config, write_gguf, write_hf, write_meta
+from helpers.checkpoints import random_model, tiny_config, write_gguf, write_hf, write_meta
 
 from llama3_dist import cli
 from llama3_dist.config import SamplingParams, load_config

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from checkpoints import random_model, tiny_config, write_gguf
-from distributed import run_ranks
+from helpers.checkpoints import random_model, tiny_config, write_gguf
+from helpers.distributed import run_ranks
 
 from llama3_dist.errors import CollectiveError
 from llama3_dist.parallel.comm import all_reduce

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed import run_ranks
+from helpers.distributed import run_ranks
 
 from llama3_dist import kernels
 from llama3_dist.checkpoint import load_model, open_checkpoint

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import random_model, tiny_config, write_gguf
-from distributed import run_ranks
+from helpers.checkpoints import random_model, tiny_config, write_gguf
+from helpers.distributed import run_ranks
 
 from llama3_dist.config import ParallelConfig, RuntimeConfig
 from llama3_dist.parallel import mesh as mesh_module
