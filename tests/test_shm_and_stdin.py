@@ -91,7 +91,14 @@ def test_stale_cleanup_keeps_the_segments_of_live_processes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{shm.PREFIX}{os.getpid()}-cd34", "someone-else"])
 
 
-def test_shm_is_refused_where_stores_are_not_ordered_like_x86(monkeypatch, caplog):
+def test_shm_is_refused_where_stores_are_not_ordered_like_x86(monkeypatch, request):
+    records: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.INFO)
+    catch.emit = records.append
+    # only this handler: another test's CLI run may have left a handler on a closed capture stream
+    monkeypatch.setattr(logging.getLogger("llama3_dist"), "handlers", [catch])
+    request.addfinalizer(lambda level=mesh_module.log.level: mesh_module.log.setLevel(level))
+    mesh_module.log.setLevel(logging.INFO)
     cpu, tp2 = RuntimeConfig(), ParallelConfig(tensor=2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(shm.platform, "machine", lambda: "x86_64")
@@ -102,11 +109,11 @@ def test_shm_is_refused_where_stores_are_not_ordered_like_x86(monkeypatch, caplo
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # ranks on two hosts: auto leaves shm off
     assert not use_shm(tp2, cpu, 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert records == []
     monkeypatch.setattr(shm.platform, "machine", lambda: "aarch64")
-    with caplog.at_level(logging.INFO, logger="llama3_dist"):
-        for collectives in ("auto", "shm"):
-            assert not use_shm(ParallelConfig(tensor=2, collectives=collectives), cpu, 2)
-    lines = [r.getMessage() for r in caplog.records if r.name == mesh_module.log.name]
+    for collectives in ("auto", "shm"):
+        assert not use_shm(ParallelConfig(tensor=2, collectives=collectives), cpu, 2)
+    lines = [r.getMessage() for r in records if r.name == mesh_module.log.name and r.levelno == logging.INFO]
     assert len(lines) == 2 and all("aarch64" in x and "TSO" in x and "using gloo" in x for x in lines), lines
 
 
