@@ -22,7 +22,7 @@ FLAG_KEYS = {
     "checkpoint": "model.checkpoint", "tokenizer": "model.tokenizer",
     "max_new_tokens": "generate.max_new_tokens", "temperature": "generate.temperature",
     "top_p": "generate.top_p", "top_k": "generate.top_k", "seed": "generate.seed",
-    "dtype": "runtime.dtype",
+    "dtype": "runtime.dtype", "host": "serve.host", "port": "serve.port", "model_name": "serve.model_name",
 }
 
 
@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. parallel.tensor=2 (repeatable)")
     g.add_argument("-v", "--verbose", action="store_true", help="every rank logs (memory after loading, ...)")
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("--config", help="YAML config (see configs/)")
+    s.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
+    s.add_argument("--tokenizer", help="tokenizer override: tokenizer.model, an HF dir or a .gguf")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
+    s.add_argument("--model-name", help="the model name clients send (default: the checkpoint's name)")
+    s.add_argument("--dtype", choices=sorted(DTYPES))
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. parallel.tensor=2 (repeatable)")
+    s.add_argument("-v", "--verbose", action="store_true", help="every rank logs")
     pl = sub.add_parser("plan", help="memory per rank for a config, from the real sharded modules")
     pl.add_argument("--config", help="YAML config (see configs/)")
     pl.add_argument("--checkpoint", help="read the architecture from a checkpoint instead of model.preset")
@@ -73,10 +84,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """YAML <- --set <- explicit flags."""
     sets = list(args.set)
     for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={json.dumps(value)}")
-    if args.chat:
+    if getattr(args, "chat", False):
         sets.append("generate.chat=true")
     return load_config(args.config, sets)
 
@@ -98,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_bench(args)
             print(json.dumps(rows) if args.json else table(rows))
             return 0
+        if args.command == "serve":
+            return run_serve(args)
         return run_generate(args)
     except UserError as e:
         tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -125,6 +138,23 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"largest rank: {worst.total_bytes / 2**30:.2f} GiB (rank {worst.rank}); "
               f"batch {cfg.runtime.max_batch_size} x {cfg.runtime.max_seq_len} tokens, {cfg.runtime.dtype}")
     return 0 if all(x.fits is not False for x in rows) else 1
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .log import setup_logging
+    from .parallel.mesh import world_from_env
+    from .serve import EngineFailed, serve
+
+    cfg = config_from_args(args)
+    rank, world_size, _ = world_from_env()
+    setup_logging(rank, args.verbose)
+    try:
+        serve(cfg, lambda line: print(line, file=sys.stderr, flush=True))
+    except EngineFailed as e:
+        tag = f"[rank {rank}] " if world_size > 1 else ""
+        print(f"error: {tag}serve: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group is broken: leaving through its destructors could hang
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
