@@ -265,7 +265,12 @@ class Responder:
             s = self.token_str(t)
             out["tokens"].append(s)
             out["token_logprobs"].append(None if lp is None else clean(lp.logprob))
-            out["top_logprobs"].append(None if lp is None else {self.token_str(i): clean(x) for i, x in lp.top})
+            top = None
+            if lp is not None:  # tokens whose text is the same (e.g. partial UTF-8): the likeliest one shows
+                top = {}
+                for i, x in lp.top:
+                    top.setdefault(self.token_str(i), clean(x))
+            out["top_logprobs"].append(top)
             out["text_offset"].append(self.offsets.get(index, 0))
             self.offsets[index] = self.offsets.get(index, 0) + len(s)
         return out
@@ -419,13 +424,18 @@ async def collect(request: Request, scheduler: Scheduler, seqs: list[Sequence], 
     """A whole (non-streamed) response; a client that goes away has its sequences aborted."""
     choices = {s.index: Choice() for s in seqs}
     left = len(seqs)
+    checked = time.monotonic()
     try:
         while left:
             try:
                 out = await asyncio.wait_for(outputs.get(), 0.5)
             except asyncio.TimeoutError:
+                out = None
+            if time.monotonic() - checked > 0.5:  # tokens may arrive faster than that: check on the clock
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return Response(status_code=499)
+            if out is None:
                 continue
             if out.error is not None:
                 raise ApiError(503, out.error, kind="service_unavailable", code="unavailable")
