@@ -9,8 +9,8 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..assemble import assemble
 from ..checkpoint import default_checkpoint

@@ -11,8 +11,8 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..config import SamplingParams
 from .control import Control, NewRow, StepResult, TokenLogprobs
