@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: Llama-3-8B-shaped random weights on the GPU, ours vs transformers")
     b.add_argument("--gpt-fast", metavar="DIR", help="with --device cuda: also time gpt-fast from this checkout")
+    b.add_argument("--serve", metavar="URL", help="serving mode: time a running `llama3-dist serve` at URL "
+                   "under 1, 2, 4, 8 concurrent streaming clients, next to generate's static batch")
+    b.add_argument("--clients", default="1,2,4,8", help="with --serve: concurrent client counts")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --serve: config of the static-batch model (give it the server's settings)")
     b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
     w = sub.add_parser("world-size", help="print the number of ranks a config needs (tensor x pipeline)")
     w.add_argument("--config")
@@ -106,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench, table
             if args.prompt_len < 16 or args.new_tokens < 2:
                 raise UserError("bench: --prompt-len must be >= 16 and --new-tokens >= 2")
+            if args.serve:
+                from .bench.serving import run_serving_bench, serving_table
+                result = run_serving_bench(args)
+                print(json.dumps(result) if args.json else serving_table(result))
+                return 0
             rows = run_bench(args)
             print(json.dumps(rows) if args.json else table(rows))
             return 0
