@@ -70,9 +70,9 @@ def serve(cfg: Config, announce: Callable[[str], None]) -> None:
         handle_signals(scheduler, s.shutdown_grace_s)
         try:
             engine.run(scheduler)
-        except EngineFailed as e:
+        except BaseException as e:  # a failed collective, or a bug: no client may wait on a dead engine
             if scheduler is not None:
-                scheduler.fail(str(e))
+                scheduler.fail(str(e) or type(e).__name__)
             raise
     finally:
         if http is not None:

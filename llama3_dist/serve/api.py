@@ -211,7 +211,11 @@ def parse_chat(body: dict, state: ServerState) -> Plan:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}]: expected an object with a string role", f"messages[{i}]")
         rendered.append({"role": m["role"], "content": message_text(m.get("content"), i)})
-    prompt = state.tokenizer.encode_chat(rendered)
+    try:
+        prompt = state.tokenizer.encode_chat(rendered)
+    except Exception as e:  # noqa: BLE001 - a template may raise anything (e.g. "roles must alternate")
+        raise bad(f"messages: the chat template rejects them ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                  "messages") from None
     max_tokens = get_int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", None, 1)
@@ -360,6 +364,8 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         if s.failed is not None:
             return JSONResponse({"status": "failed", "error": s.failed}, status_code=503)
+        if s.closing_at is not None:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
         return {"status": "ok", "slots_in_use": s.busy_slots, "slots_total": state.max_batch_size,
                 "waiting": s.n_waiting}
 
