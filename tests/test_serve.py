@@ -28,7 +28,10 @@ from checkpoints import random_model, tiny_config, write_gguf
 
 from llama3_dist.assemble import assemble
 from llama3_dist.config import SamplingParams, load_config
+from llama3_dist.errors import ConfigError
 from llama3_dist.generate import generate
+from llama3_dist.serve import checkpoint_name
+from llama3_dist.serve.scheduler import TextStream
 
 START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 120
@@ -128,6 +131,75 @@ def stream_completion(server: Server, body: dict, path: str = "/v1/completions")
 
 def streamed_text(events: list[dict], index: int = 0) -> str:
     return "".join(c["text"] for e in events for c in e["choices"] if c["index"] == index)
+
+
+# --- pieces, without a server ---
+
+class ByteTokenizer:
+    """Token id b is byte b."""
+
+    stop_ids = frozenset()
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return bytes(ids)
+
+
+def pushed(stream: TextStream, data: bytes) -> tuple[list[str], bool]:
+    out, stopped = [], False
+    for b in data:
+        text, stopped = stream.push(b)
+        out.append(text)
+        if stopped:
+            break
+    return out, stopped
+
+
+def test_text_stream_holds_back_stop_string_prefixes_and_partial_utf8():
+    out, stopped = pushed(TextStream(ByteTokenizer(), ["END", "xyz"]), b"abc EN! en END tail")
+    assert stopped and "".join(out) == "abc EN! en "
+    assert out[4:6] == ["", ""]  # "E", "N" held back: they could begin "END" ...
+    assert out[6] == "EN!"  # ... released once they cannot
+    out, stopped = pushed(TextStream(ByteTokenizer(), []), "é€😀".encode())
+    assert not stopped and "".join(out) == "é€😀"
+    assert all(len(x.encode()) in (0, 2, 3, 4) for x in out)  # whole characters only, never U+FFFD
+    stream = TextStream(ByteTokenizer(), ["ab"])
+    assert pushed(stream, b"xa")[0] == ["x", ""] and stream.flush() == "a"  # the end releases what was held
+
+
+def test_served_name_is_the_checkpoints_without_quantization(tmp_path):
+    for file, name in [("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+                       ("Meta-Llama-3-8B-Instruct-Q4_K_M.gguf", "Meta-Llama-3-8B-Instruct"),
+                       ("model.f16.gguf", "model"), ("tiny.gguf", "tiny")]:
+        (tmp_path / file).touch()
+        assert checkpoint_name(tmp_path / file) == name
+    (tmp_path / "Meta-Llama-3-8B" / "original").mkdir(parents=True)
+    assert checkpoint_name(tmp_path / "Meta-Llama-3-8B" / "original") == "Meta-Llama-3-8B"
+    assert checkpoint_name(tmp_path / "Meta-Llama-3-8B") == "Meta-Llama-3-8B"
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("serve.port=70000", "serve.port"), ("serve.max_queue=-1", "serve.max_queue"),
+    ("serve.heartbeat_s=100", "serve.heartbeat_s"), ("serve.hots=x", "serve.host"),
+])
+def test_bad_serve_config_is_one_error_naming_the_key(setting, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(None, [setting])
+
+
+def test_serve_cli_errors_are_one_line_and_exit_2(tiny_gguf):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        for args, needle in [(["--port", str(port)], "cannot listen"), (["--set", "serve.port=-1"], "serve.port")]:
+            r = subprocess.run([sys.executable, "-m", "llama3_dist", "serve", "--checkpoint", str(tiny_gguf), *args],
+                               capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+            assert r.returncode == 2 and needle in r.stderr
+            assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+            assert "Traceback" not in r.stderr
+    finally:
+        busy.close()
 
 
 # --- one process ---
@@ -460,8 +532,10 @@ def assert_same(got: list[dict], want: list[dict]) -> None:
             assert g["logprobs"]["token_logprobs"] == pytest.approx(w["logprobs"]["token_logprobs"], abs=1e-4)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.pipeline=2"]], ids=["tp2", "pp2"])
-def test_torchrun_layouts_give_the_one_process_tokens(server, tiny_gguf, layout):
+@pytest.mark.parametrize("layout, idle_s", [(["parallel.tensor=2"], 3),
+                                            (["parallel.pipeline=2", "runtime.timeout_s=12"], 14)],
+                         ids=["tp2", "pp2"])
+def test_torchrun_layouts_give_the_one_process_tokens(server, tiny_gguf, layout, idle_s):
     want = layout_outputs(server)
     sets = [x for kv in TINY_SETS + layout for x in ("--set", kv)]
     dist = Server(["--checkpoint", str(tiny_gguf), *sets], nproc=2)
@@ -469,9 +543,11 @@ def test_torchrun_layouts_give_the_one_process_tokens(server, tiny_gguf, layout)
         assert_same(layout_outputs(dist), want)
         events = stream_completion(dist, LAYOUT_REQUESTS[0])
         assert streamed_text(events) == want[0]["text"]
-        time.sleep(3)  # idle past a heartbeat: the ranks wait without tripping a timeout
+        # idle (pp2: longer than the collective timeout): heartbeats keep the waiting ranks from timing out
+        time.sleep(idle_s)
+        assert dist.proc.poll() is None
         assert_same(layout_outputs(dist), want)
-        if layout == ["parallel.pipeline=2"]:
+        if "parallel.pipeline=2" in layout:
             killed_rank_ends_the_server(dist)
     finally:
         dist.close()
