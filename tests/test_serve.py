@@ -236,12 +236,13 @@ def test_seeded_sampling_equals_generate_alone(server, local_model):
 
 
 def test_token_id_prompts_and_batches_of_prompts(server):
+    """A list of prompts is prefilled as one ragged batch; each still gives its tokens alone."""
     one = complete(server, "abc", max_tokens=5, temperature=0)["choices"][0]["text"]
     ids = complete(server, list(b"abc"), max_tokens=5, temperature=0)["choices"][0]["text"]
-    both = complete(server, [list(b"abc"), list(b"xyz")], max_tokens=5, temperature=0)["choices"]
-    strings = complete(server, ["abc", "xyz"], max_tokens=5, temperature=0)["choices"]
+    both = complete(server, [list(b"abc"), list(b"xyz and more")], max_tokens=5, temperature=0)["choices"]
+    strings = complete(server, ["abc", "xyz and more"], max_tokens=5, temperature=0)["choices"]
     assert one == ids == both[0]["text"] == strings[0]["text"]
-    assert both[1]["text"] == strings[1]["text"] == complete(server, "xyz", max_tokens=5,
+    assert both[1]["text"] == strings[1]["text"] == complete(server, "xyz and more", max_tokens=5,
                                                              temperature=0)["choices"][0]["text"]
     assert [c["index"] for c in both] == [0, 1]
 

@@ -5,7 +5,8 @@ Each step, rank 0 broadcasts one small Control (control.py) over a CPU (gloo) gr
 then runs the same step:
 
 1. free the slots the control names (their sequences ended on rank 0 last step);
-2. prefill each newcomer alone into its own slot (cache rows slot..slot+1);
+2. prefill the newcomers into their slots: each run of consecutive slots as one right-padded
+   batch (cache rows first..last+1), as generate prefills a ragged batch;
 3. one decode step over cache rows 0..highest occupied slot, each row at its own position;
 4. the sampler rank (tp-rank 0 of the last stage) samples every row with the row's own settings
    and its own seeded generator, then broadcasts the tokens (as generate.Sampler does).
@@ -13,8 +14,9 @@ then runs the same step:
 Rows that take part in a decode step without decoding compute garbage that is never read:
 a free row feeds token 0 at position 0 (its next prefill overwrites positions 0..T-1 before
 any query reads them), and a row prefilled in this same step feeds token 0 at position T, the
-place its first real token is written at the next step. A row's mask only reaches positions
-it has written itself, so no row ever reads another's garbage.
+place its first real token is written at the next step; the padding of a short prompt in a
+prefill batch lies past its end and is overwritten the same way. A row's mask only reaches
+positions it has written itself, so no row ever reads another's garbage.
 
 Only rank 0 decides when a sequence ends (stop token, stop string, length, disconnect); it names
 the slot in the next control, so every rank frees it before that step's decode.
@@ -70,6 +72,19 @@ def top_logprobs(logits: Tensor, token: int, k: int) -> TokenLogprobs:
         values, ids = torch.topk(lp, min(k, lp.shape[-1]))
         top = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprobs(float(lp[token]), top)
+
+
+def prefill_runs(new: list[NewRow]) -> list[list[NewRow]]:
+    """Newcomers grouped into runs of consecutive slots, each prefilled as one right-padded batch
+    (a burst of arrivals gets consecutive slots); a row that wants its prompt's logprobs goes alone."""
+    runs: list[list[NewRow]] = []
+    for n in sorted(new, key=lambda n: n.slot):
+        prev = runs[-1][-1] if runs else None
+        if prev is not None and prev.slot + 1 == n.slot and not (prev.prompt_logprobs or n.prompt_logprobs):
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return runs
 
 
 class Engine:
@@ -129,23 +144,31 @@ class Engine:
         decoding = [r for r in self.slots if r is not None]
         picks: list[tuple[Row, Tensor]] = []  # (row, its float32 logits (V,)) on the sampler rank
         result = StepResult()
-        for n in new:
-            gen = None
-            if self.is_sampler and n.params.temperature > 0:
-                gen = torch.Generator(device=device).manual_seed(n.params.seed)
-            row = Row(n, len(n.prompt), 0, gen)
-            self.slots[n.slot] = row
-            T = len(n.prompt)
-            tokens = torch.tensor([n.prompt], dtype=torch.long, device=device)  # (1, T)
-            pos = torch.arange(T, device=device).unsqueeze(0)  # (1, T)
-            last = None if n.prompt_logprobs else torch.tensor([T - 1], device=device)
-            logits = run_stages(self.model, mesh, tokens, pos, last, 1, first_row=n.slot)
+        prefilled: list[Row] = []
+        for run in prefill_runs(new):
+            rows = []
+            for n in run:
+                gen = None
+                if self.is_sampler and n.params.temperature > 0:
+                    gen = torch.Generator(device=device).manual_seed(n.params.seed)
+                rows.append(Row(n, len(n.prompt), 0, gen))
+                self.slots[n.slot] = rows[-1]
+            prefilled += rows
+            lens = [len(n.prompt) for n in run]
+            B, T = len(run), max(lens)
+            tokens = torch.zeros(B, T, dtype=torch.long, device=device)  # right-padded, as generate does
+            for i, n in enumerate(run):
+                tokens[i, : lens[i]] = torch.tensor(n.prompt, dtype=torch.long)
+            pos = torch.arange(T, device=device).expand(B, T)
+            echo = run[0].prompt_logprobs  # such a row is a run of its own
+            last = None if echo else torch.tensor(lens, device=device) - 1
+            logits = run_stages(self.model, mesh, tokens, pos, last, min(self.microbatches, B), first_row=run[0].slot)
             if self.is_sampler:
-                if n.prompt_logprobs:
-                    k = n.logprobs or 0
+                if echo:
+                    n = run[0]
                     result.prompt_logprobs[n.slot] = [None] + [
-                        top_logprobs(logits[0, t - 1], n.prompt[t], k) for t in range(1, T)]
-                picks.append((row, logits[0, -1]))
+                        top_logprobs(logits[0, t - 1], n.prompt[t], n.logprobs or 0) for t in range(1, T)]
+                picks += [(row, logits[i, -1]) for i, row in enumerate(rows)]
         if decoding:
             hi = max(i for i, r in enumerate(self.slots) if r is not None) + 1
             tokens = torch.zeros(hi, 1, dtype=torch.long, device=device)
@@ -156,7 +179,7 @@ class Engine:
             logits = run_stages(self.model, mesh, tokens, pos, None, self.microbatches)
             if self.is_sampler:
                 picks += [(r, logits[r.new.slot, -1]) for r in decoding]
-        order = [self.slots[n.slot] for n in new] + decoding
+        order = prefilled + decoding
         running = {r.new.slot for r in decoding}
         nxt = torch.zeros(len(order), dtype=torch.long, device=device)
         if self.is_sampler:
