@@ -43,8 +43,9 @@ class Stream:
         return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
 
 
-def stream_one(url: str, model: str, prompt: list[int], new_tokens: int, timeout: float) -> Stream:
-    s = Stream()
+def stream_one(url: str, model: str, prompt: list[int], new_tokens: int, timeout: float,
+               s: Stream | None = None) -> Stream:
+    s = s or Stream()
     body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     s.sent = time.perf_counter()
@@ -57,7 +58,7 @@ def stream_one(url: str, model: str, prompt: list[int], new_tokens: int, timeout
             obj = json.loads(line[len("data: "):])
             if "error" in obj:
                 raise UserError(f"bench --serve: the server failed a request: {obj['error']['message']}")
-            if obj["choices"] and obj["choices"][0]["text"]:
+            if obj["choices"] and (obj["choices"][0]["text"] or obj["choices"][0]["finish_reason"]):
                 s.chunks.append(time.perf_counter())
                 s.first.set()
             if obj.get("usage"):
@@ -97,36 +98,30 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def late_arrival(url: str, model: str, prompts: list[list[int]], new_tokens: int, timeout: float) -> float:
-    """TTFT of one request sent once 7 others are all decoding (they run long enough to outlast it)."""
-    others: list[Stream] = []
+    """TTFT of one request sent once 7 others have their first token (they run long enough to outlast it)."""
+    others = [Stream() for _ in prompts[:7]]
     errors: list[BaseException] = []
 
-    def background(p: list[int]) -> None:
+    def background(p: list[int], s: Stream) -> None:
         try:
-            others.append(stream_one(url, model, p, 4 * new_tokens, timeout))
-        except BaseException as e:  # noqa: BLE001
+            stream_one(url, model, p, 4 * new_tokens, timeout, s)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
+            s.first.set()
 
-    threads = []
-    for p in prompts[:7]:
-        t = threading.Thread(target=background, args=(p,))
+    threads = [threading.Thread(target=background, args=(p, s)) for p, s in zip(prompts[:7], others)]
+    for t in threads:
         t.start()
-        threads.append(t)
-    deadline = time.monotonic() + timeout
-    while not errors and time.monotonic() < deadline and not _all_decoding(url):  # all 7 hold a slot
-        time.sleep(0.05)
-    time.sleep(0.2)  # ... and are past their prefill
+    for s in others:  # all 7 past their prefill: decoding
+        s.first.wait(timeout)
+    if errors:
+        raise errors[0]
     late = stream_one(url, model, prompts[7], 2, timeout)
     for t in threads:
         t.join(timeout)
     if errors:
         raise errors[0]
     return late.ttft
-
-
-def _all_decoding(url: str) -> bool:
-    h = httpx.get(f"{url}/health", timeout=10).json()
-    return h.get("slots_in_use", 0) >= 7
 
 
 def static_batch(ready, prompts: list[list[int]], new_tokens: int) -> float:
