@@ -58,7 +58,7 @@ def stream_one(url: str, model: str, prompt: list[int], new_tokens: int, timeout
             obj = json.loads(line[len("data: "):])
             if "error" in obj:
                 raise UserError(f"bench --serve: the server failed a request: {obj['error']['message']}")
-            if obj["choices"] and (obj["choices"][0]["text"] or obj["choices"][0]["finish_reason"]):
+            if obj["choices"] and obj["choices"][0]["text"]:
                 s.chunks.append(time.perf_counter())
                 s.first.set()
             if obj.get("usage"):
