@@ -236,7 +236,8 @@ class Choice:
     """What one choice has produced so far."""
 
     def __init__(self):
-        self.text, self.tokens, self.logprobs = [], [], []
+        self.text: list[str] = []
+        self.logprobs: list[tuple[int, TokenLogprobs | None]] = []
         self.finish_reason: str | None = None
         self.n_generated = 0
 
