@@ -6,6 +6,7 @@ at TP=2 and PP=2 that must give the one-process tokens. Every wait has a timeout
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -27,6 +28,7 @@ import torch
 from checkpoints import random_model, tiny_config, write_gguf
 
 from llama3_dist.assemble import assemble
+from llama3_dist.bench.serving import run_serving_bench, serving_table
 from llama3_dist.config import SamplingParams, load_config
 from llama3_dist.errors import ConfigError
 from llama3_dist.generate import generate
@@ -570,6 +572,19 @@ def killed_rank_ends_the_server(dist: Server) -> None:
     assert "error" in json.loads(rest[-1][len("data: "):]) or rest[-1] != "data: [DONE]"
     assert dist.proc.wait(30) != 0
     assert time.monotonic() - killed < 30
+
+
+# --- bench --serve against the running server: a smoke run, no timing asserts ---
+
+def test_bench_serve_runs_end_to_end(server, tiny_gguf):
+    args = argparse.Namespace(serve=server.url, clients="1,2", prompt_len=16, new_tokens=4, threads=1, eager=True,
+                              set=[f"model.checkpoint={tiny_gguf}"], timeout=REQUEST_TIMEOUT_S)
+    result = run_serving_bench(args)
+    assert [r["clients"] for r in result["rounds"]] == [1, 2]
+    for r in result["rounds"]:
+        assert r["tok_s"] > 0 and r["static_tok_s"] > 0 and r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0
+    assert result["model"] == "tiny" and result["late_ttft_ms"] > 0
+    assert "clients" in serving_table(result)
 
 
 # --- last: SIGTERM ends the one-process server cleanly ---
