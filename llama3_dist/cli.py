@@ -28,7 +28,7 @@ FLAG_KEYS = {
     "checkpoint": "model.checkpoint", "tokenizer": "model.tokenizer",
     "max_new_tokens": "generate.max_new_tokens", "temperature": "generate.temperature",
     "top_p": "generate.top_p", "top_k": "generate.top_k", "seed": "generate.seed",
-    "dtype": "runtime.dtype",
+    "dtype": "runtime.dtype", "host": "serve.host", "port": "serve.port", "model_name": "serve.model_name",
 }
 
 
@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. parallel.tensor=2 (repeatable)")
     g.add_argument("-v", "--verbose", action="store_true", help="every rank logs (memory after loading, ...)")
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("--config", help="YAML config (see configs/)")
+    s.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
+    s.add_argument("--tokenizer", help="tokenizer override: tokenizer.model, an HF dir or a .gguf")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
+    s.add_argument("--model-name", help="the model name clients send (default: the checkpoint's name)")
+    s.add_argument("--dtype", choices=sorted(DTYPES))
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. parallel.tensor=2 (repeatable)")
+    s.add_argument("-v", "--verbose", action="store_true", help="every rank logs")
     pl = sub.add_parser("plan", help="memory per rank for a config, from the real sharded modules")
     pl.add_argument("--config", help="YAML config (see configs/)")
     pl.add_argument("--checkpoint", help="read the architecture from a checkpoint instead of model.preset")
@@ -76,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: Llama-3-8B-shaped random weights on the GPU, ours vs transformers")
     b.add_argument("--gpt-fast", metavar="DIR", help="with --device cuda: also time gpt-fast from this checkout")
+    b.add_argument("--serve", metavar="URL", help="serving mode: time a running `llama3-dist serve` at URL "
+                   "under 1, 2, 4, 8 concurrent streaming clients, next to generate's static batch")
+    b.add_argument("--clients", default="1,2,4,8", help="with --serve: concurrent client counts")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --serve: config of the static-batch model (give it the server's settings)")
     b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
     e = sub.add_parser("explain", help="walk one forward pass of the real model, tensor by tensor")
     e.add_argument("--config", help="YAML config (see configs/)")
@@ -98,10 +114,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """YAML <- --set <- explicit flags."""
     sets = list(args.set)
     for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={json.dumps(value)}")
-    if args.chat:
+    if getattr(args, "chat", False):
         sets.append("generate.chat=true")
     return load_config(args.config, sets)
 
@@ -120,11 +136,18 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench, table
             if args.prompt_len < 16 or args.new_tokens < 2:
                 raise UserError("bench: --prompt-len must be >= 16 and --new-tokens >= 2")
+            if args.serve:
+                from .bench.serving import run_serving_bench, serving_table
+                result = run_serving_bench(args)
+                print(json.dumps(result) if args.json else serving_table(result))
+                return 0
             rows = run_bench(args)
             print(json.dumps(rows) if args.json else table(rows))
             return 0
         if args.command == "explain":
             return run_explain(args)
+        if args.command == "serve":
+            return run_serve(args)
         return run_generate(args)
     except UserError as e:
         return fail(2, rank, str(e))
@@ -171,6 +194,23 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"largest rank: {worst.total_bytes / 2**30:.2f} GiB (rank {worst.rank}); "
               f"batch {cfg.runtime.max_batch_size} x {cfg.runtime.max_seq_len} tokens, {cfg.runtime.dtype}")
     return 0 if all(x.fits is not False for x in rows) else 1
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .log import setup_logging
+    from .parallel.mesh import world_from_env
+    from .serve import EngineFailed, serve
+
+    cfg = config_from_args(args)
+    rank, world_size, _ = world_from_env()
+    setup_logging(rank, args.verbose)
+    try:
+        serve(cfg, lambda line: print(line, file=sys.stderr, flush=True))
+    except EngineFailed as e:
+        tag = f"[rank {rank}] " if world_size > 1 else ""
+        print(f"error: {tag}serve: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group is broken: leaving through its destructors could hang
+    return 0
 
 
 def run_explain(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ class RuntimeConfig:
     max_batch_size: int = 8
     threads: int | None = None  # torch threads per rank; None: cores / local ranks
     timeout_s: float = 120.0  # collective timeout: a hung peer fails the job instead of hanging it
-    compile: bool = False  # torch.compile the decode step (about a minute of compiling first)
+    compile: bool | None = None  # torch.compile the decode step (minutes of compiling first); None: on for serve only
     cuda_graphs: bool = True  # on CUDA, replay each decode step from a CUDA graph (no effect on CPU)
 
     @property
@@ -84,11 +84,36 @@ class GenerateConfig(SamplingParams):
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None  # the name clients pass as `model`; None: the checkpoint's name
+    max_queue: int = 64  # requests waiting for a slot beyond this get 429
+    heartbeat_s: float = 2.0  # an idle rank 0 pings the other ranks this often (well under runtime.timeout_s)
+    shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight requests get this long to finish
+
+    def check(self, timeout_s: float) -> None:
+        """Raise ConfigError for an out-of-range serve.* value."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"serve.port: must be in 0..65535, got {self.port}")
+        if self.max_queue < 0:
+            raise ConfigError(f"serve.max_queue: must be >= 0, got {self.max_queue}")
+        if not 0 < self.heartbeat_s <= timeout_s / 4:
+            raise ConfigError(f"serve.heartbeat_s: must be in (0, runtime.timeout_s / 4 = {timeout_s / 4:g}], "
+                              f"got {self.heartbeat_s}")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"serve.shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
+        if self.model_name is not None and not self.model_name.strip():
+            raise ConfigError("serve.model_name: must not be empty")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> "Config":
         """Check every value and cross-field rule; raise ConfigError naming the key."""
@@ -115,6 +140,7 @@ class Config:
             raise ConfigError(f"model.rope_scaling_factor: must be > 0, got {self.model.rope_scaling_factor}")
         if any(not s for s in g.stop):
             raise ConfigError("generate.stop: stop strings must not be empty")
+        self.serve.check(r.timeout_s)
         if self.model.preset is not None:
             _choice("model.preset", self.model.preset, tuple(PRESETS))
         if p.stage_layers is not None:

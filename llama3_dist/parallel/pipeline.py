@@ -59,8 +59,10 @@ def recv_forward(shape: tuple[int, ...], dtype: torch.dtype, mesh: Mesh) -> Tens
 
 
 def run_stages(model: nn.Module, mesh: Mesh, tokens: Tensor, pos: Tensor, last: Tensor | None,
-               microbatches: int) -> Tensor | None:
+               microbatches: int, first_row: int = 0) -> Tensor | None:
     """One forward pass of the whole pipeline (model: this stage's Transformer) over a batch split into micro-batches.
+
+    The batch's sequences live in cache rows first_row.. (the server prefills one slot at a time).
 
     Stage k starts micro-batch i + 1 as soon as it has sent micro-batch i, so stage k + 1 works on
     micro-batch i while stage k works on i + 1. Returns the logits (B, 1 or T, vocab) on the last
@@ -75,7 +77,7 @@ def run_stages(model: nn.Module, mesh: Mesh, tokens: Tensor, pos: Tensor, last: 
             x = tokens[start:stop]
         else:
             x = recv_forward((stop - start, T, model.args.dim), model.dtype, mesh)
-        y = model(x, pos[start:stop], None if last is None else last[start:stop], model.cache.rows(start, stop))
+        y = model(x, pos[start:stop], None if last is None else last[start:stop], model.cache.rows(first_row + start, first_row + stop))
         if mesh.is_pp_last_stage:
             outs.append(y)
         else:

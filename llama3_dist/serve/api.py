@@ -1,0 +1,521 @@
+"""The HTTP side (world rank 0 only): OpenAI-shaped routes on FastAPI, run by uvicorn in a thread.
+
+Routes validate a request completely, turn it into Sequences, submit them to the Scheduler and
+drain their Outputs; they never touch the model. Errors have OpenAI's shape
+{"error": {"message", "type", "param", "code"}}: 400 for a bad request, 404 for another model,
+429 when the queue is full, 503 while loading, shutting down, or after the engine failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..config import SamplingParams
+from ..errors import ConfigError, UserError
+from .control import TokenLogprobs
+from .metrics import Metrics
+from .scheduler import Output, QueueFull, Scheduler, Sequence, Unavailable
+
+MAX_LOGPROBS = 20
+
+
+class ApiError(Exception):
+    """An OpenAI-shaped error response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+@dataclass
+class ServerState:
+    """What the routes need: filled in once the model is ready (scheduler None while loading)."""
+
+    model_name: str
+    max_seq_len: int
+    max_batch_size: int
+    metrics: Metrics
+    scheduler: Scheduler | None = None
+    tokenizer: object | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def ready(self) -> Scheduler:
+        if self.scheduler is None:
+            raise ApiError(503, "the model is still loading; retry when GET /health answers 200",
+                           kind="service_unavailable", code="loading")
+        if self.scheduler.failed is not None:
+            raise ApiError(503, f"the engine failed: {self.scheduler.failed}", kind="service_unavailable",
+                           code="engine_failed")
+        return self.scheduler
+
+
+# --- request fields ---
+
+def _get(body: dict, key: str, kinds: tuple[type, ...], default, what: str):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise bad(f"{key}: expected {what}, got {json.dumps(value)[:50]}", key)
+    return value
+
+
+def get_int(body: dict, key: str, default: int | None, lo: int | None = None, hi: int | None = None):
+    value = _get(body, key, (int,), default, "an integer")
+    if value is not None and (lo is not None and value < lo or hi is not None and value > hi):
+        span = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise bad(f"{key}: must be {span}, got {value}", key)
+    return value
+
+
+def get_float(body: dict, key: str, default: float) -> float:
+    value = _get(body, key, (int, float), default, "a number")
+    if not math.isfinite(value):
+        raise bad(f"{key}: must be a finite number, got {value}", key)
+    return float(value)
+
+
+def get_bool(body: dict, key: str, default: bool) -> bool:
+    return _get(body, key, (bool,), default, "true or false")
+
+
+def get_stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("stop: expected a string or a list of strings", "stop")
+    if any(not s for s in stops):
+        raise bad("stop: stop strings must not be empty", "stop")
+    return stops
+
+
+@dataclass
+class Plan:
+    """A validated request: its prompts and how to complete each, n times."""
+
+    prompts: list[list[int]]
+    max_tokens: int | None  # None (chat): up to the context's end
+    params: SamplingParams
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+    echo: bool
+    ignore_eos: bool
+
+
+def parse_common(body: dict, state: ServerState, prompts: list[list[int]], max_tokens: int | None,
+                 logprobs: int | None, echo: bool = False) -> Plan:
+    """The fields completions and chat share; raises ApiError (400/404)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model: expected a string", "model")
+    if model is not None and model != state.model_name:
+        raise ApiError(404, f"model {model!r} does not exist; this server serves {state.model_name!r}",
+                       "model", code="model_not_found")
+    vocab = state.tokenizer.n_words
+    for i, p in enumerate(prompts):
+        if not p:
+            raise bad(f"prompt {i} is empty: give some text or token ids", "prompt")
+        if not all(0 <= t < vocab for t in p):
+            raise bad(f"prompt {i}: token ids must be in 0..{vocab - 1}", "prompt")
+    temperature = get_float(body, "temperature", 1.0)
+    top_p = get_float(body, "top_p", 1.0)
+    top_k = get_int(body, "top_k", 0, -1)
+    seed = get_int(body, "seed", None, -(2**63), 2**63 - 1)
+    n = get_int(body, "n", 1, 1)
+    if n > state.max_batch_size:
+        raise bad(f"n: {n} choices exceed runtime.max_batch_size={state.max_batch_size} KV-cache slots", "n")
+    try:
+        SamplingParams(max_tokens or 1, temperature, top_p, max(top_k, 0), seed).check(prefix="")
+    except ConfigError as e:
+        raise bad(str(e), str(e).split(":")[0]) from None
+    stream = get_bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("stream_options: expected an object", "stream_options")
+    include_usage = get_bool(options or {}, "include_usage", False)
+    longest = max(map(len, prompts))
+    room = state.max_seq_len - longest
+    if max_tokens is not None and max_tokens > room:
+        raise bad(f"max_tokens: the prompt has {longest} tokens; with max_tokens={max_tokens} that exceeds the "
+                  f"context of runtime.max_seq_len={state.max_seq_len} tokens; lower max_tokens to <= {room} "
+                  f"or shorten the prompt", "max_tokens")
+    if max_tokens is None and room < 1:
+        raise bad(f"the prompt has {longest} tokens and leaves no room for a reply in "
+                  f"runtime.max_seq_len={state.max_seq_len}; shorten it", "messages")
+    params = SamplingParams(max_tokens or 0, temperature, top_p, max(top_k, 0), seed)
+    return Plan(prompts, max_tokens, params, n, get_stop(body), stream, include_usage, logprobs, echo,
+                get_bool(body, "ignore_eos", False))
+
+
+def parse_completion(body: dict, state: ServerState) -> Plan:
+    tok = state.tokenizer
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = [tok.encode(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
+        prompts = [tok.encode(x) for x in prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        prompts = [list(prompt)]
+    elif (isinstance(prompt, list) and prompt and all(isinstance(x, list) for x in prompt)
+          and all(isinstance(t, int) and not isinstance(t, bool) for x in prompt for t in x)):
+        prompts = [list(x) for x in prompt]
+    else:
+        raise bad("prompt: expected a string, a list of strings, a list of token ids or a list of such lists",
+                  "prompt")
+    max_tokens = get_int(body, "max_tokens", 16, 1)
+    logprobs = get_int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    return parse_common(body, state, prompts, max_tokens, logprobs, get_bool(body, "echo", False))
+
+
+def message_text(content, i: int) -> str:
+    """A message's content: a string, or a list of text parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise bad(f"messages[{i}].content: expected a string or a list of text parts", f"messages[{i}].content")
+
+
+def parse_chat(body: dict, state: ServerState) -> Plan:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages: expected a non-empty list of {role, content} objects", "messages")
+    rendered = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"messages[{i}]: expected an object with a string role", f"messages[{i}]")
+        rendered.append({"role": m["role"], "content": message_text(m.get("content"), i)})
+    try:
+        prompt = state.tokenizer.encode_chat(rendered)
+    except Exception as e:  # noqa: BLE001 - a template may raise anything (e.g. "roles must alternate")
+        raise bad(f"messages: the chat template rejects them ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                  "messages") from None
+    max_tokens = get_int(body, "max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = get_int(body, "max_tokens", None, 1)
+    want = get_bool(body, "logprobs", False)
+    top = get_int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not want:
+        raise bad("top_logprobs: needs logprobs: true", "top_logprobs")
+    return parse_common(body, state, [prompt], max_tokens, (top or 0) if want else None)
+
+
+# --- responses ---
+
+def clean(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf
+
+
+class Choice:
+    """What one choice has produced so far."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.logprobs: list[tuple[int, TokenLogprobs | None]] = []
+        self.finish_reason: str | None = None
+        self.n_generated = 0
+
+
+class Responder:
+    """Turns Outputs into OpenAI's JSON shapes for one request (completions or chat)."""
+
+    def __init__(self, state: ServerState, plan: Plan, chat: bool):
+        self.tok, self.plan, self.chat = state.tokenizer, plan, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created, self.model = int(time.time()), state.model_name
+        self.object = "chat.completion" if chat else "text_completion"
+        self.offsets: dict[int, int] = {}  # choice -> characters of text its logprobs have covered
+        self.echoed: set[int] = set()
+
+    def prompt_of(self, index: int) -> list[int]:
+        return self.plan.prompts[index // self.plan.n]
+
+    def token_str(self, t: int) -> str:
+        return self.tok.decode([t])
+
+    def chat_entry(self, t: int, lp: TokenLogprobs) -> dict:
+        def one(i: int, x: float) -> dict:
+            return {"token": self.token_str(i), "logprob": clean(x), "bytes": list(self.tok.decode_bytes([i]))}
+        return {**one(t, lp.logprob), "top_logprobs": [one(i, x) for i, x in lp.top]}
+
+    def completion_logprobs(self, index: int, entries: list[tuple[int, TokenLogprobs | None]]) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp in entries:
+            s = self.token_str(t)
+            out["tokens"].append(s)
+            out["token_logprobs"].append(None if lp is None else clean(lp.logprob))
+            top = None
+            if lp is not None:  # tokens whose text is the same (e.g. partial UTF-8): the likeliest one shows
+                top = {}
+                for i, x in lp.top:
+                    top.setdefault(self.token_str(i), clean(x))
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + len(s)
+        return out
+
+    def pieces(self, out: Output) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
+        """The text and (token, logprobs) entries an Output adds; a choice's first one carries the echoed prompt."""
+        text, entries = out.text, []
+        if self.plan.echo and out.index not in self.echoed:
+            self.echoed.add(out.index)
+            prompt = self.prompt_of(out.index)
+            text = self.tok.decode(prompt) + text
+            if out.prompt_logprobs is not None:
+                entries += list(zip(prompt, out.prompt_logprobs))
+        if out.logprobs is not None and out.token is not None:
+            entries.append((out.token, out.logprobs))
+        return text, entries
+
+    def usage(self, choices: dict[int, Choice]) -> dict:
+        prompt = sum(map(len, self.plan.prompts))
+        done = sum(c.n_generated for c in choices.values())
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    def logprobs_json(self, index: int, entries) -> dict | None:
+        if self.plan.logprobs is None:
+            return None
+        if self.chat:
+            return {"content": [self.chat_entry(t, lp) for t, lp in entries]}
+        return self.completion_logprobs(index, entries)
+
+    def full(self, choices: dict[int, Choice]) -> dict:
+        rows = []
+        for i in sorted(choices):
+            c = choices[i]
+            text = "".join(c.text)
+            lp = self.logprobs_json(i, c.logprobs)
+            if self.chat:
+                rows.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                             "finish_reason": c.finish_reason})
+            else:
+                rows.append({"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": rows, "usage": self.usage(choices)}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        obj = {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"), "created": self.created,
+               "model": self.model, "choices": choices}
+        if self.plan.include_usage:
+            obj["usage"] = usage
+        return f"data: {json.dumps(obj)}\n\n"
+
+    def delta(self, index: int, text: str, entries, finish_reason: str | None = None, role: bool = False) -> dict:
+        lp = self.logprobs_json(index, entries) if entries else None
+        if self.chat:
+            d = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            return {"index": index, "delta": d, "logprobs": lp, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+
+
+def error_event(e: ApiError) -> str:
+    return f"data: {json.dumps(e.body())}\n\n"
+
+
+def sequences_of(plan: Plan, emit, stop_ids: frozenset[int]) -> list[Sequence]:
+    """One Sequence per (prompt, choice); choice i samples with seed + i (a random base seed when none is given)."""
+    base = plan.params.seed if plan.params.seed is not None else random.getrandbits(63)
+    seqs = []
+    for p, prompt in enumerate(plan.prompts):
+        for i in range(plan.n):
+            params = SamplingParams(plan.max_tokens, plan.params.temperature, plan.params.top_p, plan.params.top_k,
+                                    (base + i) % 2**64)
+            seqs.append(Sequence(p * plan.n + i, prompt, params, emit, plan.stop, stop_ids, plan.logprobs,
+                                 plan.echo, plan.ignore_eos))
+    return seqs
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="llama3_dist", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.get("/health")
+    async def health():
+        s = state.scheduler
+        if s is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if s.failed is not None:
+            return JSONResponse({"status": "failed", "error": s.failed}, status_code=503)
+        if s.closing_at is not None:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return {"status": "ok", "slots_in_use": s.busy_slots, "slots_total": state.max_batch_size,
+                "waiting": s.n_waiting}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "llama3_dist", "max_model_len": state.max_seq_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
+
+    async def complete(request: Request, chat: bool):
+        scheduler = state.ready()
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise bad("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        plan = (parse_chat if chat else parse_completion)(body, state)
+        if plan.max_tokens is None:  # chat without a limit: up to the end of the context
+            plan.max_tokens = state.max_seq_len - len(plan.prompts[0])
+        special = state.tokenizer.special_tokens
+        stop_ids = frozenset(special[s] for s in plan.stop if s in special)
+        plan.stop = [s for s in plan.stop if s not in special]
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Output] = asyncio.Queue()
+
+        def emit(out: Output) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
+            except RuntimeError:  # the event loop is gone (server shut down)
+                pass
+
+        seqs = sequences_of(plan, emit, stop_ids)
+        try:
+            scheduler.submit(seqs)
+        except QueueFull as e:
+            raise ApiError(429, str(e), kind="rate_limit_exceeded", code="queue_full") from None
+        except Unavailable as e:
+            raise ApiError(503, str(e), kind="service_unavailable", code="unavailable") from None
+        responder = Responder(state, plan, chat)
+        if plan.stream:
+            return StreamingResponse(stream(scheduler, seqs, outputs, responder),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await collect(request, scheduler, seqs, outputs, responder)
+
+    return app
+
+
+async def collect(request: Request, scheduler: Scheduler, seqs: list[Sequence], outputs: asyncio.Queue,
+                  responder: Responder):
+    """A whole (non-streamed) response; a client that goes away has its sequences aborted."""
+    choices = {s.index: Choice() for s in seqs}
+    left = len(seqs)
+    checked = time.monotonic()
+    try:
+        while left:
+            try:
+                out = await asyncio.wait_for(outputs.get(), 0.5)
+            except asyncio.TimeoutError:
+                out = None
+            if time.monotonic() - checked > 0.5:  # tokens may arrive faster than that: check on the clock
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return Response(status_code=499)
+            if out is None:
+                continue
+            if out.error is not None:
+                raise ApiError(503, out.error, kind="service_unavailable", code="unavailable")
+            c = choices[out.index]
+            text, entries = responder.pieces(out)
+            c.text.append(text)
+            c.logprobs += entries
+            if out.finish_reason is not None:
+                c.finish_reason, left = out.finish_reason, left - 1
+                c.n_generated = next(s.n_generated for s in seqs if s.index == out.index)
+        return JSONResponse(responder.full(choices))
+    finally:
+        if left:
+            scheduler.abort(seqs)
+
+
+async def stream(scheduler: Scheduler, seqs: list[Sequence], outputs: asyncio.Queue, responder: Responder):
+    """Server-sent events as OpenAI sends them; a client that goes away has its sequences aborted."""
+    choices = {s.index: Choice() for s in seqs}
+    left = len(seqs)
+    try:
+        if responder.chat:
+            for i in sorted(choices):
+                yield responder.chunk([responder.delta(i, "", None, role=True)])
+        while left:
+            out = await outputs.get()
+            if out.error is not None:
+                yield error_event(ApiError(503, out.error, kind="service_unavailable", code="unavailable"))
+                return
+            c = choices[out.index]
+            text, entries = responder.pieces(out)
+            if text or entries:
+                yield responder.chunk([responder.delta(out.index, text, entries)])
+            if out.finish_reason is not None:
+                left -= 1
+                c.n_generated = next(s.n_generated for s in seqs if s.index == out.index)
+                c.finish_reason = out.finish_reason
+                yield responder.chunk([responder.delta(out.index, "", None, out.finish_reason)])
+        if responder.plan.include_usage:
+            yield responder.chunk([], responder.usage(choices))
+        yield "data: [DONE]\n\n"
+    finally:
+        if left:
+            scheduler.abort(seqs)
+
+
+class HttpServer:
+    """uvicorn serving an app from a thread, on a socket bound up front (a taken port is a one-line error)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, grace_s: float = 3.0):
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            self.sock = socket.socket(family, kind, proto)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(addr)
+            self.sock.listen(128)
+        except OSError as e:
+            raise UserError(f"serve: cannot listen on {host}:{port} ({e.strerror or e}); "
+                            f"pick another with --port or --host") from None
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=grace_s)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="http")
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise UserError(f"serve: the HTTP server did not start on {host}:{port}")
+            time.sleep(0.02)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, let open responses end (up to the grace time), join the thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
