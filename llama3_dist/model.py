@@ -1,8 +1,8 @@
 """Llama 3 for one pipeline stage: RMSNorm, complex rotary embeddings, GQA with a KV cache, SwiGLU.
 
 Parallelism enters only through the layer classes (ColumnParallelLinear & co.) and the Mesh;
-with a one-rank mesh they are plain dense layers. Parameter names are Meta's. Speed machinery
-(torch.compile, CUDA graphs) lives in fast_decode.py and enters through one hook, `decode_step`.
+with a one-rank mesh they are plain dense layers. Parameter names are Meta's. Speed lives beside
+the model: fast_decode.py through the `decode_step` hook, CPU kernels through @kernels.fusable.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .args import ModelArgs
 from .parallel.comm import Group
 from .parallel.layers import (MergedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -48,25 +49,24 @@ def precompute_freqs_cis(args: ModelArgs, end: int) -> Tensor:
     return torch.polar(torch.ones_like(angles), angles)
 
 
+@kernels.fusable("rope")
 def apply_rotary(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate each (even, odd) pair of x as the complex number x0 + i x1, times e^(i pos freq).
+    """Rotate each (even, odd) pair of x (B, T, H, hd) as x0 + i x1, times e^(i pos freq) (B, T, hd/2, 2).
 
-    x: (B, T, H, hd); freqs_cis: (B, T, hd/2, 2), the complex factors as (real, imag) pairs
-    (torch.view_as_real). The product (x0 + i x1)(c + i s) = (x0 c - x1 s) + i (x0 s + x1 c) is
-    written out in real arithmetic, which torch.compile can fuse (it does not generate complex code);
-    in eager mode it equals view_as_complex(x) * freqs_cis bit for bit.
+    (x0 + i x1)(c + i s) = (x0 c - x1 s) + i (x0 s + x1 c) in real arithmetic, which torch.compile
+    can fuse; in eager mode it equals view_as_complex(x) * freqs_cis bit for bit.
     """
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, hd/2) each
     c, s = freqs_cis.unsqueeze(2).unbind(-1)  # (B, T, 1, hd/2): same rotation for every head
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(3).type_as(x)
 
 
+@kernels.fusable("attend_decode", decode_only=True)
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd), masked) v, each KV head shared by a group of consecutive query heads.
 
-    q: (B, Hq, T, hd); k, v: (B, Hkv, S, hd); mask: (B, 1, T, S), True where attending. A decode
-    step (T = 1) stacks each KV head's query heads into one matrix and multiplies the cache once,
-    never copying it per query head; a prefill uses torch's fused attention.
+    q: (B, Hq, T, hd); k, v: (B, Hkv, S, hd); mask: (B, 1, T, S). A decode step (T = 1) stacks each
+    KV head's query heads and multiplies the cache once; a prefill uses torch's fused attention.
     """
     B, Hq, T, hd = q.shape
     Hkv = k.shape[1]
@@ -80,27 +80,32 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return y.type_as(q).view(B, Hq, 1, hd)
 
 
-class RMSNorm(nn.Module):
+@kernels.fusable("rms_norm")
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / rms(x) * weight, computed in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
+
+@kernels.fusable("silu_mul")
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 @dataclass(frozen=True)
 class KVCache:
-    """Preallocated keys and values of this stage's layers and this rank's KV heads.
-
-    k, v: (n_layers, B, n_local_kv_heads, max_seq_len, head_dim). `rows(a, b)` is the view of
-    sequences a..b-1 (a pipeline micro-batch) and `layer(i)` the view of local layer i: writes
-    through a view land in the one preallocated cache.
-    """
+    """Keys and values of this stage's layers and this rank's KV heads: (n_layers, B, n_local_kv_heads,
+    max_seq_len, head_dim). rows(a, b) (sequences a..b-1) and layer(i) are views into the one cache."""
 
     k: Tensor
     v: Tensor
@@ -182,7 +187,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu(gate, up))
 
 
 class TransformerBlock(nn.Module):
@@ -200,8 +205,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-# The layers of one step: (x, pos, freqs_cis, mask, cache) -> x. fast_decode.py supplies a faster one.
-LayerStack = Callable[[Tensor, Tensor, Tensor, Tensor, KVCache], Tensor]
+LayerStack = Callable[[Tensor, Tensor, Tensor, Tensor, KVCache], Tensor]  # (x, pos, freqs_cis, mask, cache) -> x
 
 
 class Transformer(nn.Module):
@@ -220,8 +224,7 @@ class Transformer(nn.Module):
             self.output = VocabParallelHead(args.dim, args.vocab_size, group)
         self.cache: KVCache | None = None
         self.freqs_cis: Tensor | None = None
-        # The hook for fast decoding (fast_decode.py): runs the layers of a decode step (T = 1).
-        # With fixed_shapes set, every step attends over the whole cache (CUDA graphs need fixed shapes).
+        # fast_decode.py's hook: the layers of a decode step; fixed_shapes: attend over the whole cache
         self.decode_step: LayerStack | None = None
         self.tie_weights()
 
@@ -256,9 +259,8 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor, pos: Tensor, last: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """Tokens (B, T) on the first stage, else hidden states (B, T, dim), at positions pos (B, T).
 
-        Returns the last stage's float32 logits, (B, T, vocab), or (B, 1, vocab) at the indices
-        `last` (B,) when given; other stages return hidden states (B, T, dim) for the next stage.
-        `cache` is the cache of these sequences (a micro-batch's rows); default rows 0..B-1.
+        Returns the last stage's float32 logits (B, T, vocab), or (B, 1, vocab) at indices `last` (B,);
+        other stages return hidden states (B, T, dim). `cache`: these sequences' rows (default 0..B-1).
         """
         cache = self.cache.rows(0, x.shape[0]) if cache is None else cache
         if self.mesh.is_pp_first_stage:
@@ -266,8 +268,7 @@ class Transformer(nn.Module):
         fast = x.shape[1] == 1 and self.decode_step is not None
         # Keys up to the furthest position, or the whole cache when the decode step needs fixed shapes.
         length = cache.seq_len if fast and getattr(self.decode_step, "fixed_shapes", False) else int(pos.max()) + 1
-        # Query at position p sees cached keys at positions <= p; the pad rows of a ragged batch
-        # are never read, because a row's own next token overwrites them before its mask reaches them.
+        # Query at p sees keys at <= p; a ragged batch's pad rows are overwritten before the mask reaches them.
         mask = torch.arange(length, device=pos.device) <= pos.unsqueeze(-1)  # (B, T, S)
         mask = mask.unsqueeze(1)  # (B, 1, T, S): same for every head
         freqs_cis = torch.view_as_real(self.freqs_cis[pos])  # (B, T, hd/2, 2)

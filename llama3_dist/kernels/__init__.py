@@ -200,6 +200,20 @@ def fused(name: str, x: Tensor):
     return getattr(torch.ops.llama3_dist, f"{name}_{_chosen}")
 
 
+def fusable(name: str, decode_only: bool = False):
+    """Decorate the model's function of that step: its fused op runs in its place where fused() has
+    one (eager CPU decode), the function itself everywhere else. decode_only: only for one query (T = 1)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args):
+            op = fused(name, args[0])
+            if op is None or (decode_only and args[0].shape[-2] != 1):
+                return fn(*args)
+            return op(*args)
+        return run
+    return wrap
+
+
 def variant() -> str:
     """The variant linear() uses: one of VARIANTS, or 'torch' (F.linear)."""
     load()
