@@ -249,12 +249,12 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # a bad value fails here, before the model code is imported (seconds)
     from .assemble import assemble, open_model_checkpoint, open_tokenizer_for
     from .generate import check_prompts, generate, warm_up
     from .log import setup_logging
     from .parallel.mesh import init_distributed, shutdown, world_from_env
 
-    cfg = config_from_args(args)
     setup_logging(world_from_env()[0], args.verbose)
     mesh = init_distributed(cfg.parallel, cfg.runtime)
     texts = args.prompt or read_stdin(mesh)
