@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) format: one file, memory-mapped; tensors dequantized per slice to float32.
+"""GGUF (llama.cpp) format: one file, memory-mapped; tensors dequantized per slice to float32, or their
+blocks copied as they are (`read_quant`) for the block formats the quantized kernels run.
 
 llama.cpp's converter stores wq/wk rows in Meta's interleaved rotary order, so only names change.
 Quantized rows are whole blocks of a row, so a row slice reads just its rows' bytes, and a column
@@ -16,6 +17,7 @@ from gguf.quants import dequantize
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..kernels.quant import FORMATS as QUANT_FORMATS
 from ..args import ModelArgs
 from .base import Checkpoint, release_pages
 
@@ -104,6 +106,25 @@ class GGUFCheckpoint(Checkpoint):
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self.tensors.items()}
+
+    def qtype(self, name: str) -> str | None:
+        name_ = self.tensors[name].tensor_type.name
+        return name_ if name_ in QUANT_FORMATS else None
+
+    def read_quant(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        t = self.tensors[name]
+        data = t.data  # uint8 (rows, row bytes), mapped from the file
+        if dim == 0:
+            data = data[start:stop]
+        elif dim == 1:
+            block, nbytes = GGML_QUANT_SIZES[t.tensor_type]
+            stop = int(t.shape[0]) if stop is None else stop
+            if start % block or stop % block:
+                raise ValueError(f"{name}: columns {start}:{stop} do not fall on {block}-element blocks")
+            data = data[:, start // block * nbytes: stop // block * nbytes]
+        out = torch.from_numpy(np.array(data, dtype=np.uint8))  # a copy of just this slice
+        release_pages(t.data.ctypes.data, t.data.nbytes)
+        return out
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
         t = self.tensors[name]
