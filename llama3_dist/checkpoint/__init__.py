@@ -125,13 +125,13 @@ def weight_formats(model: Transformer, ckpt: Checkpoint | None, weights: str,
         wanted = [q or ON_LOAD.get(weights) for q in native]
         if weights == "auto" and device.type != "cpu":
             wanted = [None]
+        qtype = wanted[0]
         if len(set(wanted)) > 1:
             log.info("%s: parts in formats %s; loading the stack as float", name, "/".join(map(str, wanted)))
-            continue
-        qtype = wanted[0]
-        if qtype is not None and not fits_blocks(model, name, sources, qtype):
+            qtype = None
+        elif qtype is not None and not fits_blocks(model, name, sources, qtype):
             log.info("%s: this rank's slice does not fall on whole %s blocks; loading it as float", name, qtype)
-            continue
+            qtype = None
         out[name] = qtype
     return out
 
