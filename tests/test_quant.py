@@ -358,15 +358,16 @@ def fidelity(ckpt: Checkpoint, ids: list[int]) -> dict[str, tuple[float, float]]
     out = {"float": (base, 0.0)}
     for weights in ("int8", "int4"):
         model = load_model(ckpt, Mesh.single(), torch.float32, weights=weights)
-        qtypes = {m.qtype for n, m in model.named_modules() if hasattr(m, "qtype")}
-        assert qtypes == {quant.ON_LOAD[weights]}, weights
+        qtypes = {n: m.qtype for n, m in model.named_modules() if hasattr(m, "qtype")}
+        assert {q for n, q in qtypes.items() if n.startswith("layers.")} == {quant.ON_LOAD[weights]}, weights
+        assert qtypes["tok_embeddings"] == quant.ON_LOAD_TABLE[weights], weights
         out[weights] = (perplexity(model, ids), (logits(model, ids) - base_logits).abs().max().item())
     return out
 
 
 def test_int8_int4_on_load_keep_perplexity_on_smollm2(smollm2_gguf):
     ckpt = FloatView(open_checkpoint(smollm2_gguf))
-    got = fidelity(ckpt, text_ids(ckpt.inner.tokenizer(), 384))
+    got = fidelity(ckpt, text_ids(ckpt.inner.tokenizer(), 128))
     base = got["float"][0]
     assert abs(got["int8"][0] / base - 1) <= 0.01, got
     assert abs(got["int4"][0] / base - 1) <= 0.03, got
@@ -374,7 +375,7 @@ def test_int8_int4_on_load_keep_perplexity_on_smollm2(smollm2_gguf):
 
 def test_int8_int4_on_load_keep_perplexity_on_a_llama_shaped_checkpoint(smollm2_gguf):
     args = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=49152, hidden_dim=768)
-    ids = text_ids(open_checkpoint(smollm2_gguf).tokenizer(), 384)
+    ids = text_ids(open_checkpoint(smollm2_gguf).tokenizer(), 256)
     got = fidelity(RandomCheckpoint(args, seed=3), ids)
     base = got["float"][0]
     assert abs(got["int8"][0] / base - 1) <= 0.01, got
@@ -410,4 +411,5 @@ def test_plan_counts_quantized_bytes(smollm2_gguf):
     by = {w: plan(load_config(None, ["model.preset=llama3-8b", f"runtime.weights={w}"]), args)[0].param_bytes
           for w in ("auto", "int8", "int4")}
     assert by["int8"] == pytest.approx(by["auto"] * 34 / 128, rel=1e-3)  # every matrix in Q8_0, norms float32
-    assert by["int4"] == pytest.approx(by["auto"] * 20 / 128, rel=1e-3)
+    tables = 2 * args.vocab_size * args.dim  # embedding and untied head: Q8_0 under int4 as well
+    assert by["int4"] == pytest.approx(by["auto"] * 20 / 128 + tables * (34 - 20) / 32, rel=1e-3)

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..kernels import quant
-from ..kernels.quant import ON_LOAD, block_size, dequantize, quantize, row_bytes
+from ..kernels.quant import ON_LOAD, ON_LOAD_TABLE, block_size, dequantize, quantize, row_bytes
 from ..errors import CheckpointError
 from ..model import Transformer
-from ..parallel.layers import VocabParallelEmbedding
+from ..parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from ..parallel.mesh import Mesh
 from .base import Checkpoint, expected_shapes, trim_heap
 
@@ -110,7 +110,7 @@ def weight_formats(model: Transformer, ckpt: Checkpoint | None, weights: str,
     """Parameter name -> the block format it is held in (None: float), for runtime.weights = `weights`.
 
     auto keeps a checkpoint's own block formats (on CPU, where the kernels run); int8 / int4 also
-    quantize float weights to Q8_0 / Q4_1. A weight stays float when its slice does not fall on
+    quantize float matrices to Q8_0 / Q4_1, and the embedding table and head to Q8_0. A weight stays float when its slice does not fall on
     whole blocks or the parts of a stacked weight differ in format (logged).
     """
     out: dict[str, str | None] = {}
@@ -122,7 +122,8 @@ def weight_formats(model: Transformer, ckpt: Checkpoint | None, weights: str,
             continue  # norms
         sources = weight_sources(model, name)
         native = [ckpt.qtype(n) if ckpt is not None else None for n, _ in sources]
-        wanted = [q or ON_LOAD.get(weights) for q in native]
+        table = isinstance(module, (VocabParallelEmbedding, VocabParallelHead))
+        wanted = [q or (ON_LOAD_TABLE if table else ON_LOAD).get(weights) for q in native]
         if weights == "auto" and device.type != "cpu":
             wanted = [None]
         qtype = wanted[0]

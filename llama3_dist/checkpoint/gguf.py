@@ -18,6 +18,8 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..kernels.quant import FORMATS as QUANT_FORMATS
+from ..kernels.quant import block_size
+from ..kernels.quant import dequantize as dequantize_blocks
 from ..args import ModelArgs
 from .base import Checkpoint, release_pages
 
@@ -128,6 +130,10 @@ class GGUFCheckpoint(Checkpoint):
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
         t = self.tensors[name]
+        qtype = self.qtype(name)
+        block = block_size(qtype) if qtype else 1
+        if qtype is not None and (dim != 1 or start % block == 0 and (stop or 0) % block == 0):
+            return dequantize_blocks(self.read_quant(name, dim, start, stop), qtype)  # the C++ dequantizer: same values
         data, qtype = t.data, t.tensor_type
         shape = tuple(int(n) for n in reversed(t.shape))
         if dim is None:

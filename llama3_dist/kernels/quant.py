@@ -35,7 +35,11 @@ log = logging.getLogger(__name__)
 # qtype -> (code in quant.cpp, elements per block, bytes per block)
 FORMATS = {"Q8_0": (0, 32, 34), "Q4_0": (1, 32, 18), "Q4_1": (2, 32, 20), "Q4_K": (3, 256, 144),
            "Q6_K": (4, 256, 210)}
-ON_LOAD = {"int8": "Q8_0", "int4": "Q4_1"}  # runtime.weights -> the format float weights are quantized to
+# runtime.weights -> the format float matrices are quantized to on load. The embedding table (and the
+# output head) stays Q8_0 under int4, as llama.cpp's 4-bit presets keep it at 6-8 bits: it carries
+# most of int4's error (SmolLM2: perplexity +4% with a 4-bit table, +0.x% with an 8-bit one).
+ON_LOAD = {"int8": "Q8_0", "int4": "Q4_1"}
+ON_LOAD_TABLE = {"int8": "Q8_0", "int4": "Q8_0"}
 MAX_ROWS = 16
 PREFILL_CHUNK_BYTES = 32 << 20  # float32 bytes of W dequantized at a time for a matrix-matrix product
 _ops = None
