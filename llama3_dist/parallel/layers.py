@@ -30,10 +30,12 @@ def even_split(n: int, parts: int) -> list[Span]:
 
 
 def feature_split(n: int, group: Group) -> Span:
-    """This rank's span of n features, cut in whole blocks of 256 (or 32) features where n allows,
-    so that a quantized weight split along its input features splits on block boundaries."""
-    unit = next(u for u in (256, 32, 1) if n % u == 0 and n // u >= group.size)
-    start, stop = even_split(n // unit, group.size)[group.rank]
+    """This rank's span of n features, cut in whole blocks so that a quantized weight split along its
+    input features splits on block boundaries: 256-feature blocks (K-quants) when they split evenly,
+    else 32-feature blocks (uneven by at most one block), else single features."""
+    size = group.size
+    unit = 256 if n % (256 * size) == 0 else 32 if n % 32 == 0 and n >= 32 * size else 1
+    start, stop = even_split(n // unit, size)[group.rank]
     return start * unit, stop * unit
 
 
