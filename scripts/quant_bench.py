@@ -3,6 +3,7 @@
     python scripts/quant_bench.py speed [--checkpoint PATH] [--rounds 3] [--tokens 64]
     python scripts/quant_bench.py gemv
     python scripts/quant_bench.py fidelity [--tokens 2048]
+    [torchrun --nproc-per-node 2] python scripts/quant_bench.py big --weights int4 --tokens 4
 
 `speed` runs each (weights, dtype) in a fresh process (so peak RSS is its own), interleaved over
 rounds, and keeps each one's best round: the machine may be shared, so compare the ratios of one run.
@@ -144,9 +145,27 @@ def fidelity(args) -> None:
                   f"{(lg - base_logits).abs().max().item():.2e} |")
 
 
+def big(args) -> None:
+    """A Llama-3-8B-shaped random checkpoint (all 32 layers) with runtime.weights=int4 at TP=WORLD_SIZE
+    (run under torchrun for TP > 1): decode tok/s and peak RSS per rank."""
+    import os
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cfg = load_config(None, [f"parallel.tensor={world}", f"runtime.weights={args.weights}", "runtime.dtype=bfloat16",
+                             "runtime.max_seq_len=64", "runtime.max_batch_size=1"])
+    t0 = time.perf_counter()
+    ready = assemble(cfg, RandomCheckpoint.preset("llama3-8b"), tokenizer=False)
+    loaded = time.perf_counter() - t0
+    done = generate(ready.model, ready.mesh, [[128000, 791, 6864, 315]], SamplingParams(args.tokens, temperature=0.0),
+                    frozenset())[0]
+    held = sum(p.numel() * p.element_size() for p in ready.model.parameters())
+    print(json.dumps({"rank": ready.mesh.rank, "tp": world, "weights": args.weights, "load_s": round(loaded, 1),
+                      "weight_gib": round(held / 2**30, 2), "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2),
+                      "decode_tok_s": round(done.decode_tokens_per_s, 3)}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["speed", "one", "gemv", "fidelity"])
+    p.add_argument("what", choices=["speed", "one", "gemv", "fidelity", "big"])
     p.add_argument("--checkpoint", default=str(default_checkpoint()))
     p.add_argument("--weights", default="auto")
     p.add_argument("--dtype", default="float32")
@@ -156,7 +175,7 @@ def main() -> None:
     if args.what == "one":
         print(json.dumps(one(args.checkpoint, args.weights, args.dtype, args.tokens)))
     else:
-        {"speed": speed, "gemv": gemv, "fidelity": fidelity}[args.what](args)
+        {"speed": speed, "gemv": gemv, "fidelity": fidelity, "big": big}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from distributed import run_ranks
 
 from llama3_dist.args import ModelArgs, preset_args
 from llama3_dist.checkpoint import load_model, meta_state, open_checkpoint, weight_formats
-from llama3_dist.checkpoint.base import Checkpoint
+from llama3_dist.checkpoint.base import Checkpoint, expected_shapes, narrow
 from llama3_dist.checkpoint.synthetic import RandomCheckpoint
 from llama3_dist.config import ParallelConfig, load_config
 from llama3_dist.errors import ConfigError
@@ -72,7 +72,7 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int) -> torch.Tensor:
         return torch.from_numpy(gguf.quants.quantize(w, GGMLQuantizationType[qtype]))
     _, block, nbytes = quant.FORMATS[qtype]
     b = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
-    scales = rng.uniform(0.001, 0.02, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+    scales = rng.uniform(1e-4, 1e-3, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
     if qtype == "Q4_K":
         b[..., 0:4] = scales.reshape(rows, cols // block, 4)  # d and dmin
     else:
@@ -269,6 +269,55 @@ def test_stacked_parts_in_different_formats_load_as_float(tmp_path, caplog):
         model = load_model(Mixed(open_checkpoint(path)), Mesh.single(), torch.float32, weights="auto")
     assert model.layers["0"].attention.wqkv.qtype is None and "loading the stack as float" in caplog.text
     assert model.layers["0"].feed_forward.w13.qtype == "Q4_1"
+
+
+class KQuantCheckpoint(Checkpoint):
+    """Random Q4_K matrices with Q6_K wo / w2 / embedding / head, as llama.cpp's Q4_K_M files mix them."""
+
+    def __init__(self, args: ModelArgs):
+        self.args, self.path = args, Path("kquant:random")
+        self.blocks, self.norms = {}, {}
+        for i, (name, shape) in enumerate(expected_shapes(args).items()):
+            if len(shape) == 1:
+                self.norms[name] = 1 + 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(i))
+            else:
+                qtype = "Q6_K" if any(k in name for k in ("wo", "w2", "tok_embeddings", "output")) else "Q4_K"
+                self.blocks[name] = (qtype, random_blocks(qtype, *shape, seed=100 + i))
+
+    def shapes(self):
+        return expected_shapes(self.args)
+
+    def qtype(self, name):
+        return self.blocks[name][0] if name in self.blocks else None
+
+    def read(self, name, dim=None, start=0, stop=None):
+        if name in self.norms:
+            return self.norms[name].clone()
+        return narrow(reference(self.blocks[name][1], self.blocks[name][0]), dim, start, stop).clone()
+
+    def read_quant(self, name, dim=None, start=0, stop=None):
+        qtype, raw = self.blocks[name]
+        if dim == 1:
+            _, block, nbytes = quant.FORMATS[qtype]
+            stop = quant.in_features(raw, qtype) if stop is None else stop
+            return raw[:, start // block * nbytes: stop // block * nbytes].clone()
+        return narrow(raw, dim, start, stop).clone()
+
+
+def test_k_quants_stay_in_their_blocks_and_match_float(counting):
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=512)
+    ckpt = KQuantCheckpoint(args)
+    auto = load_model(ckpt, Mesh.single(), torch.float32, weights="auto")
+    dense = load_model(ckpt, Mesh.single(), torch.float32, weights="float")
+    assert auto.layers["0"].attention.wqkv.qtype == "Q4_K" and auto.layers["1"].feed_forward.w2.qtype == "Q6_K"
+    assert auto.output.qtype == "Q6_K" and auto.tok_embeddings.qtype == "Q6_K"
+    ids = [3, 14, 15, 92, 65, 35]
+    assert (logits(auto, ids) - logits(dense, ids)).abs().max().item() <= TOL
+    counting.calls.clear()
+    greedy = SamplingParams(6, temperature=0.0)
+    got = generate(auto, Mesh.single(), [ids], greedy, frozenset())[0].tokens
+    assert counting.calls["qlinear"] > 0
+    assert got == generate(dense, Mesh.single(), [ids], greedy, frozenset())[0].tokens
 
 
 # --- the real SmolLM2 (Q4_1 layers, Q8_0 tied embedding) at every layout ---------------------------
