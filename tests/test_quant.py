@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
-
 from checkpoints import random_model, tiny_config, write_gguf, write_hf
 from distributed import run_ranks
+from gguf import GGMLQuantizationType
 
 from llama3_dist.args import ModelArgs, preset_args
-from llama3_dist.checkpoint import load_model, meta_state, open_checkpoint, weight_formats
+from llama3_dist.checkpoint import (
+    load_model,
+    meta_state,
+    open_checkpoint,
+    weight_formats,
+)
 from llama3_dist.checkpoint.base import Checkpoint, expected_shapes, narrow
 from llama3_dist.checkpoint.synthetic import RandomCheckpoint
 from llama3_dist.config import ParallelConfig, load_config
@@ -226,7 +230,7 @@ def test_auto_is_the_dequantized_model_on_small_gguf(tmp_path, qtype, counting):
     for name, module in auto.named_modules():
         if hasattr(module, "qtype"):
             assert module.qtype == qtype and module.weight.dtype == torch.uint8, name
-    assert dict((n, t.shape) for n, t in meta_state(auto)) == dict((n, t.shape) for n, t in meta_state(dense))
+    assert {n: t.shape for n, t in meta_state(auto)} == {n: t.shape for n, t in meta_state(dense)}
     ids = [3, 14, 15, 92, 65, 35]
     assert (logits(auto, ids) - logits(dense, ids)).abs().max().item() <= TOL
     greedy = SamplingParams(8, temperature=0.0)

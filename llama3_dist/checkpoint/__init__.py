@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from ..errors import CheckpointError
 from ..kernels import quant
 from ..kernels.quant import ON_LOAD, ON_LOAD_TABLE, block_size, dequantize, quantize, row_bytes
-from ..errors import CheckpointError
 from ..model import Transformer
 from ..parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from ..parallel.mesh import Mesh
@@ -72,8 +72,7 @@ def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: rang
         module = model.get_submodule(module_name)
         qtype = formats.get(name)
         sources = weight_sources(model, name)
-        read = (lambda n, *spec: quantized(ckpt, n, qtype, spec)) if qtype else ckpt.read
-        parts = [read(n, *spec) for n, spec in sources]
+        parts = [quantized(ckpt, n, qtype, spec) if qtype else ckpt.read(n, *spec) for n, spec in sources]
         t = torch.cat(parts) if len(parts) > 1 else parts[0]
         want = tuple(param.shape) if qtype is None else (param.shape[0], row_bytes(qtype, param.shape[1]))
         source = "|".join(n for n, _ in sources)

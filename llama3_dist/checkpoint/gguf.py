@@ -16,11 +16,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from torch import Tensor
 
+from ..args import ModelArgs
 from ..errors import CheckpointError
 from ..kernels.quant import FORMATS as QUANT_FORMATS
 from ..kernels.quant import block_size
 from ..kernels.quant import dequantize as dequantize_blocks
-from ..args import ModelArgs
 from .base import Checkpoint, release_pages
 
 SUPPORTED = {GGMLQuantizationType[n] for n in

@@ -147,7 +147,7 @@ def _f16(b: Tensor) -> Tensor:
 
 def dequantize_torch(w: Tensor, qtype: str) -> Tensor:
     """Torch (any device) dequantizer of (N, bytes) rows to float32 (N, K); K-quants go through gguf on CPU."""
-    _, block, nbytes = FORMATS[qtype]
+    nbytes = FORMATS[qtype][2]
     N = w.shape[0]
     b = w.reshape(N, -1, nbytes)  # (N, blocks, bytes)
     if qtype == "Q8_0":
