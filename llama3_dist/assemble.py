@@ -111,8 +111,8 @@ def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool | Toke
     layer_ids = stage_layer_ids(ckpt.args, cfg.parallel, mesh)
     log.info("loading %s (%s, %d layers%s) as %s", ckpt.path, type(ckpt).__name__.removesuffix("Checkpoint"),
              ckpt.args.n_layers, f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",
-             cfg.runtime.dtype)
-    model = load_model(ckpt, mesh, cfg.runtime.torch_dtype, layer_ids)
+             cfg.runtime.dtype + ("" if cfg.runtime.weights == "auto" else f", weights {cfg.runtime.weights}"))
+    model = load_model(ckpt, mesh, cfg.runtime.torch_dtype, layer_ids, cfg.runtime.weights)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = peak_rss_bytes()
     log.info("stage %d tp-rank %d: layers %d-%d, %.2f GiB of weights, peak RSS %s after loading", mesh.stage,

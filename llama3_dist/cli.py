@@ -177,7 +177,7 @@ def fail(code: int, rank: int, message: str | None) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from .assemble import model_args
+    from .assemble import model_args, open_model_checkpoint
     from .plan import as_json, parse_bytes, plan, table
     sets = list(args.set) + ([f"model.checkpoint={json.dumps(args.checkpoint)}"] if args.checkpoint else [])
     cfg = load_config(args.config, sets)
@@ -185,7 +185,8 @@ def run_plan(args: argparse.Namespace) -> int:
         memory = None if args.device_memory is None else parse_bytes(args.device_memory)
     except ValueError as e:
         raise UserError(f"--device-memory: {e}") from None
-    rows = plan(cfg, model_args(cfg), memory)
+    ckpt = open_model_checkpoint(cfg) if cfg.model.preset is None or cfg.model.checkpoint else None
+    rows = plan(cfg, ckpt.args if ckpt else model_args(cfg), memory, ckpt)
     if args.json:
         print(json.dumps(as_json(rows)))
     else:

@@ -15,6 +15,7 @@ from .args import PRESETS
 from .errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # runtime.dtype -> torch dtype
+WEIGHTS = ("auto", "float", "int8", "int4")  # runtime.weights
 
 
 @dataclass
@@ -45,6 +46,10 @@ class RuntimeConfig:
     timeout_s: float = 120.0  # collective timeout: a hung peer fails the job instead of hanging it
     compile: bool | None = None  # torch.compile the decode step (minutes of compiling first); None: on for serve only
     cuda_graphs: bool = True  # on CUDA, replay each decode step from a CUDA graph (no effect on CPU)
+    # auto: a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors stay in their blocks, float stays float;
+    # float: dequantize everything to `dtype`; int8 / int4: quantize float weights on load to
+    # Q8_0 / Q4_1 (groups of 32; weight-only: activations stay in `dtype`)
+    weights: str = "auto"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -129,6 +134,7 @@ class Config:
             raise ConfigError("parallel.collectives: shm is for CPU ranks; use auto or backend on CUDA")
         _choice("runtime.dtype", r.dtype, ("float32", "bfloat16"))
         _choice("runtime.device", r.device, ("cpu", "cuda"))
+        _choice("runtime.weights", r.weights, WEIGHTS)
         if p.backend == "nccl" and r.device != "cuda":
             raise ConfigError("parallel.backend: nccl needs runtime.device=cuda; use gloo on CPU")
         if r.threads is not None and r.threads < 1:

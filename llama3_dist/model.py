@@ -18,7 +18,7 @@ from . import kernels
 from .args import ModelArgs
 from .parallel.comm import Group
 from .parallel.layers import (MergedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                              VocabParallelHead, even_split, head_spans)
+                              VocabParallelHead, feature_split, head_spans)
 from .parallel.mesh import Mesh
 
 
@@ -181,7 +181,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, group: Group):
         super().__init__()
-        rows = even_split(hidden_dim, group.size)[group.rank]
+        rows = feature_split(hidden_dim, group)
         self.w13 = MergedColumnParallelLinear(dim, [("w1", hidden_dim, rows), ("w3", hidden_dim, rows)], group)
         self.w2 = RowParallelLinear(hidden_dim, dim, group, rows)
 
@@ -231,7 +231,7 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         """With tied embeddings and both ends on this stage, the head reads the embedding's tensor."""
         if self.args.tie_embeddings and self.mesh.is_pp_first_stage and self.mesh.is_pp_last_stage:
-            self.output.weight = self.tok_embeddings.weight
+            self.output.tie(self.tok_embeddings)
 
     def setup_caches(self, batch: int, seq_len: int) -> None:
         """Allocate the KV cache for `batch` sequences of up to `seq_len` tokens (kept if large enough)."""
@@ -250,7 +250,7 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())  # quantized weights are uint8
 
     @property
     def device(self) -> torch.device:

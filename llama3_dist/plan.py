@@ -6,7 +6,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .args import ModelArgs
+from .checkpoint import weight_formats
+from .checkpoint.base import Checkpoint
 from .config import Config
+from .kernels.quant import row_bytes
 from .model import Transformer
 from .parallel.mesh import Mesh
 from .parallel.pipeline import stage_layer_ids
@@ -45,8 +48,13 @@ def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int, sco
     return tokens * widest * elem + attention + logits
 
 
-def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None) -> list[RankPlan]:
-    """One RankPlan per global rank for this config's layout, batch and sequence length."""
+def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None,
+         ckpt: Checkpoint | None = None) -> list[RankPlan]:
+    """One RankPlan per global rank for this config's layout, batch and sequence length.
+
+    Weights count in the format runtime.weights holds them in: a GGUF's blocks (`ckpt`), int8 / int4
+    blocks, or runtime.dtype.
+    """
     t, p, r = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.runtime
     rows = []
     for rank in range(t * p):
@@ -55,7 +63,8 @@ def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None) -> list
         with torch.device("meta"):
             model = Transformer(args, mesh, layers).to(r.torch_dtype)
             model.setup_caches(r.max_batch_size, r.max_seq_len)
-        params = sum(x.numel() * x.element_size() for x in model.parameters())
+        formats = weight_formats(model, ckpt, r.weights, torch.device(r.device))
+        params = sum(weight_bytes(x, formats.get(name)) for name, x in model.named_parameters())
         kv = 2 * model.cache.k.numel() * model.cache.k.element_size()
         micro = -(-r.max_batch_size // cfg.parallel.microbatches)
         work = workspace_bytes(model, micro, r.max_seq_len, r.torch_dtype.itemsize, r.device == "cpu")
@@ -63,6 +72,11 @@ def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None) -> list
         rows.append(RankPlan(rank, mesh.stage, mesh.tp.rank, f"{layers.start}-{layers.stop - 1}", params, kv,
                              work, total, None if device_memory is None else total <= device_memory))
     return rows
+
+
+def weight_bytes(p: torch.Tensor, qtype: str | None) -> int:
+    """Bytes of a (float, meta-device) parameter once held in block format qtype (None: as it is)."""
+    return p.numel() * p.element_size() if qtype is None else p.shape[0] * row_bytes(qtype, p.shape[1])
 
 
 def parse_bytes(text: str) -> int:

@@ -366,6 +366,7 @@ def test_random_checkpoint_is_the_same_model_at_every_layout():
     from llama3_dist.checkpoint.synthetic import RandomCheckpoint
     from llama3_dist.args import ModelArgs
     from llama3_dist.parallel.comm import Group
+    from llama3_dist.parallel.layers import feature_split
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
     ckpt = RandomCheckpoint(args, seed=1)
     assert ckpt.read("layers.1.feed_forward.w2.weight").shape == (64, 160)
@@ -379,7 +380,7 @@ def test_random_checkpoint_is_the_same_model_at_every_layout():
         part = load_model(ckpt, Mesh(rank, 2, tp, Group.single(rank), torch.device("cpu")), torch.float32)
         q = full.layers["0"].attention.wqkv.weight[rank * 32:(rank + 1) * 32]
         assert torch.equal(part.layers["0"].attention.wqkv.weight[:32], q)
-        assert torch.equal(part.layers["1"].feed_forward.w2.weight,
-                           full.layers["1"].feed_forward.w2.weight[:, rank * 80:(rank + 1) * 80])
+        start, stop = feature_split(160, tp)  # whole 32-feature blocks: 96 | 64
+        assert torch.equal(part.layers["1"].feed_forward.w2.weight, full.layers["1"].feed_forward.w2.weight[:, start:stop])
     with pytest.raises(Exception, match="no tokenizer"):
         ckpt.tokenizer()

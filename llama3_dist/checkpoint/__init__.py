@@ -7,21 +7,27 @@ rank owns, so no rank materialises weights it does not use.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
 from gguf import GGUFReader
-from torch import nn
+from torch import Tensor, nn
 
 from .. import kernels
 from ..errors import CheckpointError, TokenizerError
+from ..kernels import quant
+from ..kernels.quant import ON_LOAD, ON_LOAD_TABLE, block_size, dequantize, quantize, row_bytes
 from ..model import Transformer
+from ..parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from ..parallel.mesh import Mesh
 from ..tokenizer import gguf_tokenizer, hf_tokenizer, llama3_tokenizer
 from .base import Checkpoint, expected_shapes, trim_heap
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint
 from .meta import MetaCheckpoint
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,31 +66,99 @@ def is_gguf(path: Path) -> bool:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
 
 
-def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: range | None = None) -> Transformer:
-    """This rank's stage of the model, each parameter read from `ckpt` as exactly the slice it owns."""
+def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: range | None = None,
+               weights: str = "float") -> Transformer:
+    """This rank's stage of the model, each parameter read from `ckpt` as exactly the slice it owns.
+
+    `weights` is runtime.weights: which matmul and embedding weights are held in a block format
+    (see weight_formats); the rest, and every norm, are float in `dtype`.
+    """
     args = ckpt.args
     with torch.device("meta"):
         model = Transformer(args, mesh, layer_ids)
+    formats = weight_formats(model, ckpt, weights, mesh.device)
     for name, param in list(model.named_parameters()):  # a tied head is shared, so not listed
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        # a tied head on a later stage than the embedding reads the embedding's tensor
-        source = "tok_embeddings.weight" if name == "output.weight" and args.tie_embeddings else name
-        if hasattr(module, "parts"):  # stacked weights (wq|wk|wv, w1|w3): read each part's rows
-            names = part_names(module_name, module)
-            source = "|".join(names)
-            t = torch.cat([ckpt.read(n, 0, start, stop) for n, (_, _, (start, stop)) in zip(names, module.parts)])
-        else:
-            spec = getattr(module, "shard", None)
-            t = ckpt.read(source, *spec) if spec is not None else ckpt.read(source)
-        if tuple(t.shape) != tuple(param.shape):
-            raise CheckpointError(f"{ckpt.path}: {source} slice has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
-        setattr(module, leaf, nn.Parameter(t.to(device=mesh.device, dtype=dtype).contiguous(), requires_grad=False))
+        qtype = formats.get(name)
+        sources = weight_sources(model, name)
+        parts = [quantized(ckpt, n, qtype, spec) if qtype else ckpt.read(n, *spec) for n, spec in sources]
+        t = torch.cat(parts) if len(parts) > 1 else parts[0]
+        want = tuple(param.shape) if qtype is None else (param.shape[0], row_bytes(qtype, param.shape[1]))
+        source = "|".join(n for n, _ in sources)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{ckpt.path}: {source} slice has shape {tuple(t.shape)}, expected {want}")
+        t = t.to(device=mesh.device) if qtype else t.to(device=mesh.device, dtype=dtype)
+        setattr(module, leaf, nn.Parameter(t.contiguous(), requires_grad=False))
+        if hasattr(module, "qtype"):
+            module.qtype = qtype
+        if isinstance(module, VocabParallelEmbedding):
+            module.dtype = dtype
     model.tie_weights()
     trim_heap()
     if mesh.device.type == "cpu":
-        kernels.load()  # build or load the decode kernel now, not inside the first timed step
+        kernels.load()  # build or load the decode kernels now, not inside the first timed step
+        if formats and any(formats.values()):
+            quant.load()
     return model.eval()
+
+
+def weight_sources(model: Transformer, name: str) -> list[tuple[str, tuple]]:
+    """(checkpoint name, slice spec (dim, start, stop) or ()) of each tensor parameter `name` is read from."""
+    module_name = name.rpartition(".")[0]
+    module = model.get_submodule(module_name)
+    if hasattr(module, "parts"):  # stacked weights (wq|wk|wv, w1|w3): each part's rows
+        return [(n, (0, start, stop)) for n, (_, _, (start, stop)) in zip(part_names(module_name, module), module.parts)]
+    # a tied head on a later stage than the embedding reads the embedding's tensor
+    source = "tok_embeddings.weight" if name == "output.weight" and model.args.tie_embeddings else name
+    return [(source, getattr(module, "shard", ()))]
+
+
+def weight_formats(model: Transformer, ckpt: Checkpoint | None, weights: str,
+                   device: torch.device) -> dict[str, str | None]:
+    """Parameter name -> the block format it is held in (None: float), for runtime.weights = `weights`.
+
+    auto keeps a checkpoint's own block formats (on CPU, where the kernels run); int8 / int4 also
+    quantize float matrices to Q8_0 / Q4_1, and the embedding table and head to Q8_0. A weight stays float when its slice does not fall on
+    whole blocks or the parts of a stacked weight differ in format (logged).
+    """
+    out: dict[str, str | None] = {}
+    if weights == "float":
+        return out
+    for name, _ in model.named_parameters():
+        module = model.get_submodule(name.rpartition(".")[0])
+        if not hasattr(module, "qtype"):
+            continue  # norms
+        sources = weight_sources(model, name)
+        native = [ckpt.qtype(n) if ckpt is not None else None for n, _ in sources]
+        table = isinstance(module, (VocabParallelEmbedding, VocabParallelHead))
+        wanted = [q or (ON_LOAD_TABLE if table else ON_LOAD).get(weights) for q in native]
+        if weights == "auto" and device.type != "cpu":
+            wanted = [None]
+        qtype = wanted[0]
+        if len(set(wanted)) > 1:
+            log.info("%s: parts in formats %s; loading the stack as float", name, "/".join(map(str, wanted)))
+            qtype = None
+        elif qtype is not None and not fits_blocks(model, name, sources, qtype):
+            log.info("%s: this rank's slice does not fall on whole %s blocks; loading it as float", name, qtype)
+            qtype = None
+        out[name] = qtype
+    return out
+
+
+def fits_blocks(model: Transformer, name: str, sources: list[tuple[str, tuple]], qtype: str) -> bool:
+    """Whether every row of parameter `name`, and this rank's column slice if any, is whole blocks."""
+    block = block_size(qtype)
+    full_in = expected_shapes(model.args)[sources[0][0]][1]
+    spans = [spec[1:] for _, spec in sources if spec and spec[0] == 1]
+    return full_in % block == 0 and all(a % block == 0 and b % block == 0 for a, b in spans)
+
+
+def quantized(ckpt: Checkpoint, name: str, qtype: str, spec: tuple) -> Tensor:
+    """The slice `spec` of tensor `name` in block format `qtype`: the file's blocks, or quantized now."""
+    if ckpt.qtype(name) == qtype:
+        return ckpt.read_quant(name, *spec)
+    return quantize(ckpt.read(name, *spec), qtype)
 
 
 def part_names(module_name: str, module: nn.Module) -> list[str]:
@@ -94,10 +168,13 @@ def part_names(module_name: str, module: nn.Module) -> list[str]:
 
 
 def meta_state(model: nn.Module):
-    """(Meta name, tensor) of every parameter this rank holds, stacked weights split into their parts."""
+    """(Meta name, float tensor) of every parameter this rank holds, stacked weights split into their
+    parts, quantized weights dequantized to the model's dtype."""
     for name, p in model.named_parameters():
         module_name = name.rpartition(".")[0]
         module = model.get_submodule(module_name)
+        if getattr(module, "qtype", None) is not None:
+            p = dequantize(p, module.qtype, model.dtype)
         if hasattr(module, "parts"):
             yield from zip(part_names(module_name, module), p.split(module.sizes))
         else:

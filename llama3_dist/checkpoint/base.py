@@ -30,6 +30,15 @@ class Checkpoint:
         """
         raise NotImplementedError
 
+    def qtype(self, name: str) -> str | None:
+        """The block format (kernels/quant.py FORMATS) tensor `name` is stored in; None for float tensors."""
+        return None
+
+    def read_quant(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        """The raw blocks of tensor `name` (or its [start, stop) slice along dim, in whole blocks) as
+        uint8 (rows, blocks x block bytes), in memory of its own; only for tensors with a qtype."""
+        raise NotImplementedError
+
     def tokenizer(self):
         """The tokenizer that belongs to this checkpoint."""
         raise NotImplementedError

@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) format: one file, memory-mapped; tensors dequantized per slice to float32.
+"""GGUF (llama.cpp) format: one file, memory-mapped; tensors dequantized per slice to float32, or their
+blocks copied as they are (`read_quant`) for the block formats the quantized kernels run.
 
 llama.cpp's converter stores wq/wk rows in Meta's interleaved rotary order, so only names change.
 Quantized rows are whole blocks of a row, so a row slice reads just its rows' bytes, and a column
@@ -15,8 +16,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from torch import Tensor
 
-from ..errors import CheckpointError
 from ..args import ModelArgs
+from ..errors import CheckpointError
+from ..kernels.quant import FORMATS as QUANT_FORMATS
+from ..kernels.quant import block_size
+from ..kernels.quant import dequantize as dequantize_blocks
 from ..tokenizer import gguf_tokenizer
 from .base import Checkpoint, release_pages
 
@@ -107,8 +111,31 @@ class GGUFCheckpoint(Checkpoint):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(int(n) for n in reversed(t.shape)) for name, t in self.tensors.items()}
 
+    def qtype(self, name: str) -> str | None:
+        name_ = self.tensors[name].tensor_type.name
+        return name_ if name_ in QUANT_FORMATS else None
+
+    def read_quant(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        t = self.tensors[name]
+        data = t.data  # uint8 (rows, row bytes), mapped from the file
+        if dim == 0:
+            data = data[start:stop]
+        elif dim == 1:
+            block, nbytes = GGML_QUANT_SIZES[t.tensor_type]
+            stop = int(t.shape[0]) if stop is None else stop
+            if start % block or stop % block:
+                raise ValueError(f"{name}: columns {start}:{stop} do not fall on {block}-element blocks")
+            data = data[:, start // block * nbytes: stop // block * nbytes]
+        out = torch.from_numpy(np.array(data, dtype=np.uint8))  # a copy of just this slice
+        release_pages(t.data.ctypes.data, t.data.nbytes)
+        return out
+
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
         t = self.tensors[name]
+        qtype = self.qtype(name)
+        block = block_size(qtype) if qtype else 1
+        if qtype is not None and (dim != 1 or start % block == 0 and (stop or 0) % block == 0):
+            return dequantize_blocks(self.read_quant(name, dim, start, stop), qtype)  # the C++ dequantizer: same values
         data, qtype = t.data, t.tensor_type
         shape = tuple(int(n) for n in reversed(t.shape))
         if dim is None:

@@ -3,14 +3,16 @@
 Each layer owns one contiguous slice of its full weight, recorded as `shard = (dim, start, stop)`
 so a loader can read exactly that slice from disk. With a group of size 1 every layer is the
 plain dense layer, so one model.py serves every layout.
+
+A weight is float, or quantized in one of llama.cpp's block formats (`qtype`, kernels/quant.py):
+then it is uint8 (rows, blocks x block bytes), and the loader sets `qtype` when it fills it.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import linear
+from ..kernels.quant import embedding, linear
 from .comm import Group, all_gather, all_reduce
 
 Span = tuple[int, int]
@@ -25,6 +27,16 @@ def even_split(n: int, parts: int) -> list[Span]:
         spans.append((start, stop))
         start = stop
     return spans
+
+
+def feature_split(n: int, group: Group) -> Span:
+    """This rank's span of n features, cut in whole blocks so that a quantized weight split along its
+    input features splits on block boundaries: 256-feature blocks (K-quants) when they split evenly,
+    else 32-feature blocks (uneven by at most one block), else single features."""
+    size = group.size
+    unit = 256 if n % (256 * size) == 0 else 32 if n % 32 == 0 and n >= 32 * size else 1
+    start, stop = even_split(n // unit, size)[group.rank]
+    return start * unit, stop * unit
 
 
 def shard(full: Tensor, dim: int, rank: int, size: int) -> Tensor:
@@ -64,9 +76,10 @@ class ColumnParallelLinear(nn.Module):
         start, stop = rows or even_split(out_features, group.size)[group.rank]
         self.shard = (0, start, stop)
         self.weight = _empty(stop - start, in_features)
+        self.qtype: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.qtype)
 
 
 class MergedColumnParallelLinear(nn.Module):
@@ -81,9 +94,10 @@ class MergedColumnParallelLinear(nn.Module):
         self.parts = parts
         self.sizes = [stop - start for _, _, (start, stop) in parts]
         self.weight = _empty(sum(self.sizes), in_features)
+        self.qtype: str | None = None  # one format for the whole stack
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return linear(x, self.weight).split(self.sizes, dim=-1)
+        return linear(x, self.weight, self.qtype).split(self.sizes, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -91,13 +105,14 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, group: Group, cols: Span | None = None):
         super().__init__()
-        start, stop = cols or even_split(in_features, group.size)[group.rank]
+        start, stop = cols or feature_split(in_features, group)
         self.group = group
         self.shard = (1, start, stop)
         self.weight = _empty(out_features, stop - start)
+        self.qtype: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(linear(x, self.weight), self.group)
+        return all_reduce(linear(x, self.weight, self.qtype), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -109,13 +124,15 @@ class VocabParallelEmbedding(nn.Module):
         self.group = group
         self.shard = (0, start, stop)
         self.weight = _empty(stop - start, dim)
+        self.qtype: str | None = None
+        self.dtype = torch.float32  # of the rows looked up in a quantized table (the loader sets runtime.dtype)
 
     def forward(self, tokens: Tensor) -> Tensor:
         if self.group.size == 1:
-            return F.embedding(tokens, self.weight)
+            return embedding(tokens, self.weight, self.qtype, self.dtype)
         _, start, stop = self.shard
         outside = (tokens < start) | (tokens >= stop)
-        x = F.embedding((tokens - start).masked_fill(outside, 0), self.weight)
+        x = embedding((tokens - start).masked_fill(outside, 0), self.weight, self.qtype, self.dtype)
         x.masked_fill_(outside.unsqueeze(-1), 0.0)
         return all_reduce(x, self.group)
 
@@ -128,5 +145,9 @@ class VocabParallelHead(ColumnParallelLinear):
         self.group = group
         self.sizes = [b - a for a, b in even_split(vocab_size, group.size)]
 
+    def tie(self, table: VocabParallelEmbedding) -> None:
+        """Read the embedding's table (same vocab split, same format) instead of a weight of its own."""
+        self.weight, self.qtype = table.weight, table.qtype
+
     def forward(self, x: Tensor) -> Tensor:
-        return all_gather(linear(x, self.weight), self.group, self.sizes, dim=-1)
+        return all_gather(linear(x, self.weight, self.qtype), self.group, self.sizes, dim=-1)

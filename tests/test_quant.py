@@ -1,0 +1,468 @@
+"""Quantized weights (runtime.weights): block-format kernels, GGUF blocks kept as they are at every
+layout, int8 / int4 quantized on load; each is checked against the same weights dequantized."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.checkpoints import random_model, tiny_config, write_gguf, write_hf
+from helpers.distributed import run_ranks
+from gguf import GGMLQuantizationType
+
+from llama3_dist.args import ModelArgs, preset_args
+from llama3_dist.checkpoint import (
+    load_model,
+    meta_state,
+    open_checkpoint,
+    weight_formats,
+)
+from llama3_dist.checkpoint.base import Checkpoint, expected_shapes, narrow
+from llama3_dist.checkpoint.synthetic import RandomCheckpoint
+from llama3_dist.config import ParallelConfig, load_config
+from llama3_dist.errors import ConfigError
+from llama3_dist.generate import SamplingParams, generate
+from llama3_dist.kernels import quant
+from llama3_dist.model import Transformer
+from llama3_dist.parallel.mesh import Mesh
+from llama3_dist.parallel.pipeline import run_stages, stage_layer_ids
+from llama3_dist.plan import plan
+
+TOL = 1e-3  # fp32 logits, quantized kernels vs the same weights dequantized
+SMOL_PROMPT = "The capital of France is"
+SMOL_NEW = 6
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CountingOps:
+    """Stands in for torch.ops.llama3_quant and counts the calls of each op (proves which path ran)."""
+
+    def __init__(self, ops):
+        self.ops, self.calls = ops, Counter()
+
+    def __getattr__(self, name):
+        fn = getattr(self.ops, name)
+
+        def call(*args):
+            self.calls[name] += 1
+            return fn(*args)
+        return call
+
+
+def kernel_ops():
+    """The compiled ops; the test fails (never skips) where they cannot be built."""
+    ops = quant.load()
+    assert ops is not None, "quant.cpp did not build (see the warning above); the kernel tests need it"
+    return ops
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    counter = CountingOps(kernel_ops())
+    monkeypatch.setattr(quant, "_ops", counter)
+    return counter
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Valid random blocks: Q8_0/Q4_x from gguf's quantizer, K-quants as random bytes with sane fp16 scales."""
+    rng = np.random.default_rng(seed)
+    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        return torch.from_numpy(gguf.quants.quantize(w, GGMLQuantizationType[qtype]))
+    _, block, nbytes = quant.FORMATS[qtype]
+    b = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+    scales = rng.uniform(1e-4, 1e-3, (rows, cols // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == "Q4_K":
+        b[..., 0:4] = scales.reshape(rows, cols // block, 4)  # d and dmin
+    else:
+        b[..., 208:210] = scales[..., :2]  # d (the int8 sub-block scales are any bytes)
+    return torch.from_numpy(b.reshape(rows, -1))
+
+
+def reference(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """gguf's own dequantizer (llama.cpp's reference in numpy)."""
+    return torch.from_numpy(np.array(gguf.quants.dequantize(w.numpy(), GGMLQuantizationType[qtype]), dtype=np.float32))
+
+
+# --- kernels ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", list(quant.FORMATS))
+def test_dequantizers_match_gguf(qtype):
+    w = random_blocks(qtype, 7, 512, seed=1)
+    want = reference(w, qtype)
+    ops = kernel_ops()
+    assert torch.equal(ops.dequant(w, quant.FORMATS[qtype][0]), want)
+    assert (quant.dequantize_torch(w, qtype) - want).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("qtype", list(quant.FORMATS))
+def test_kernel_matches_dequantize_then_linear(qtype):
+    ops = kernel_ops()
+    block = quant.block_size(qtype)
+    K, N = 3 * block, 37  # odd sizes: 3 blocks per row, 37 rows (not a multiple of the task grain)
+    w = random_blocks(qtype, N, K, seed=2)
+    dense = reference(w, qtype)
+    gen = torch.Generator().manual_seed(3)
+    code = quant.FORMATS[qtype][0]
+    for M in range(1, quant.MAX_ROWS + 1):
+        x = torch.randn(M, K, generator=gen)
+        want = F.linear(x, dense)
+        for op in (ops.qlinear, ops.qlinear_portable):
+            got = op(x, w, code)
+            assert got.shape == (M, N) and got.dtype == torch.float32
+            assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), (qtype, M, op)
+        xb = x.bfloat16()
+        got = ops.qlinear(xb, w, code)
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - F.linear(xb.float(), dense)).abs().max().item() <= 2e-2 * want.abs().max().item()
+
+
+def test_the_avx2_path_is_built_where_the_cpu_has_it():
+    flags = Path("/proc/cpuinfo").read_text()
+    want = "avx2" if all(f" {f}" in flags for f in ("avx2", "fma", "f16c")) else "portable"
+    assert kernel_ops().isa() == want
+
+
+def test_linear_routes_decode_to_the_kernel_and_prefill_to_dequantize(counting):
+    w = random_blocks("Q4_1", 40, 64, seed=4)
+    dense = reference(w, "Q4_1")
+    for rows, op in ((1, "qlinear"), (16, "qlinear"), (17, "dequant")):
+        x = torch.randn(1, rows, 64)
+        counting.calls.clear()
+        assert (quant.linear(x, w, "Q4_1") - F.linear(x, dense)).abs().max().item() <= 1e-4
+        assert set(counting.calls) == {op}, rows
+
+
+def test_prefill_dequantizes_in_row_blocks(monkeypatch, counting):
+    monkeypatch.setattr(quant, "PREFILL_CHUNK_BYTES", 10 * 64 * 4)  # 10 rows of W at a time
+    w = random_blocks("Q8_0", 45, 64, seed=5)
+    x = torch.randn(2, 20, 64)
+    assert (quant.linear(x, w, "Q8_0") - F.linear(x, reference(w, "Q8_0"))).abs().max().item() <= 1e-4
+    assert counting.calls["dequant"] == 5
+
+
+def test_torch_fallback_without_the_kernel(monkeypatch):
+    monkeypatch.setattr(quant, "_ops", None)
+    monkeypatch.setattr(quant, "_tried", True)
+    for qtype in quant.FORMATS:
+        w = random_blocks(qtype, 9, 256, seed=6)
+        x = torch.randn(3, 256)
+        assert (quant.linear(x, w, qtype) - F.linear(x, reference(w, qtype))).abs().max().item() <= 1e-4
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
+    import torch.utils.cpp_extension as ext
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(ext, "load", broken)
+    monkeypatch.setattr(quant, "_ops", None)
+    monkeypatch.setattr(quant, "_tried", False)
+    assert quant.load() is None and quant.load() is None
+    assert caplog.text.count("could not build the quantized kernel") == 1
+    w = random_blocks("Q4_0", 5, 32, seed=7)
+    x = torch.randn(1, 32)
+    assert (quant.linear(x, w, "Q4_0") - F.linear(x, reference(w, "Q4_0"))).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_quantize_is_llama_cpps_rounding_byte_for_byte(qtype):
+    w = torch.randn(33, 96, generator=torch.Generator().manual_seed(8))
+    want = gguf.quants.quantize(w.numpy(), GGMLQuantizationType[qtype])
+    assert torch.equal(quant.quantize(w, qtype, chunk_rows=7), torch.from_numpy(want))
+
+
+def test_embedding_rows_are_dequantized_on_lookup():
+    w = random_blocks("Q8_0", 50, 64, seed=9)
+    tokens = torch.tensor([[3, 49, 0], [7, 7, 12]])
+    got = quant.embedding(tokens, w, "Q8_0", torch.bfloat16)
+    assert got.shape == (2, 3, 64) and got.dtype == torch.bfloat16
+    assert torch.equal(got, F.embedding(tokens, reference(w, "Q8_0")).bfloat16())
+
+
+def test_compiled_decode_calls_the_kernel():
+    kernel_ops()
+    w = random_blocks("Q4_1", 24, 64, seed=10)
+    x = torch.randn(1, 64)
+    fn = torch.compile(lambda x: quant.linear(x, w, "Q4_1"), fullgraph=True)
+    assert (fn(x) - F.linear(x, reference(w, "Q4_1"))).abs().max().item() <= 1e-4
+
+
+# --- config and loading ----------------------------------------------------------------------------
+
+def test_runtime_weights_is_validated():
+    assert load_config(None, []).runtime.weights == "auto"
+    assert load_config(None, ["runtime.weights=int4"]).runtime.weights == "int4"
+    with pytest.raises(ConfigError, match="runtime.weights: must be one of auto, float, int8, int4"):
+        load_config(None, ["runtime.weights=int3"])
+
+
+def logits(model, ids: list[int]) -> torch.Tensor:
+    model.setup_caches(1, len(ids) + 8)
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0))
+
+
+def test_gguf_read_quant_copies_rows_and_whole_blocks(tmp_path):
+    path = write_gguf(random_model(tiny_config(), seed=11), tmp_path / "m.gguf", qtype="Q4_0")
+    ckpt = open_checkpoint(path)
+    name = "layers.0.feed_forward.w2.weight"  # (64, 160): 5 blocks per row
+    raw = torch.from_numpy(np.array(ckpt.tensors[name].data))
+    assert ckpt.qtype(name) == "Q4_0" and ckpt.qtype("norm.weight") is None
+    assert torch.equal(ckpt.read_quant(name), raw)
+    assert torch.equal(ckpt.read_quant(name, 0, 10, 20), raw[10:20])
+    assert torch.equal(ckpt.read_quant(name, 1, 32, 96), raw[:, 18:54])
+    with pytest.raises(ValueError, match="do not fall on 32-element blocks"):
+        ckpt.read_quant(name, 1, 16, 96)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_auto_is_the_dequantized_model_on_small_gguf(tmp_path, qtype, counting):
+    path = write_gguf(random_model(tiny_config(vocab_size=300), seed=12), tmp_path / "m.gguf", qtype=qtype)
+    ckpt = open_checkpoint(path)
+    auto = load_model(ckpt, Mesh.single(), torch.float32, weights="auto")
+    dense = load_model(ckpt, Mesh.single(), torch.float32, weights="float")
+    for name, module in auto.named_modules():
+        if hasattr(module, "qtype"):
+            assert module.qtype == qtype and module.weight.dtype == torch.uint8, name
+    assert {n: t.shape for n, t in meta_state(auto)} == {n: t.shape for n, t in meta_state(dense)}
+    ids = [3, 14, 15, 92, 65, 35]
+    assert (logits(auto, ids) - logits(dense, ids)).abs().max().item() <= TOL
+    greedy = SamplingParams(8, temperature=0.0)
+    counting.calls.clear()
+    got = generate(auto, Mesh.single(), [ids, ids[:2]], greedy, frozenset())
+    assert counting.calls["qlinear"] > 0
+    assert [c.tokens for c in got] == [c.tokens for c in generate(dense, Mesh.single(), [ids, ids[:2]], greedy,
+                                                                   frozenset())]
+
+
+def test_float_and_unaligned_slices_stay_float(tmp_path, caplog):
+    # 2 KV heads of head_dim 8 over 3 ranks: rank 0 owns wo columns 0:16, not a whole 32-element block
+    path = write_gguf(random_model(tiny_config(), seed=13), tmp_path / "m.gguf", qtype="Q8_0")
+    mesh = Mesh.for_rank(0, 3, 1, torch.device("meta"))
+    with torch.device("meta"):
+        model = Transformer(open_checkpoint(path).args, mesh)
+    with caplog.at_level("INFO"):
+        formats = weight_formats(model, open_checkpoint(path), "auto", torch.device("cpu"))
+    assert formats["layers.0.attention.wo.weight"] is None and "does not fall on whole Q8_0 blocks" in caplog.text
+    assert formats["layers.0.feed_forward.w2.weight"] == "Q8_0"  # 160 features: blocks 0-1 | 2-3 | 4
+    assert weight_formats(model, open_checkpoint(path), "float", torch.device("cpu")) == {}
+
+
+def test_stacked_parts_in_different_formats_load_as_float(tmp_path, caplog):
+    class Mixed(Checkpoint):
+        def __init__(self, inner):
+            self.inner, self.path, self.args = inner, inner.path, inner.args
+
+        def qtype(self, name):
+            return None if name.endswith("wk.weight") else self.inner.qtype(name)
+
+        def read(self, *a):
+            return self.inner.read(*a)
+
+        def read_quant(self, *a):
+            return self.inner.read_quant(*a)
+
+    path = write_gguf(random_model(tiny_config(), seed=14), tmp_path / "m.gguf", qtype="Q4_1")
+    with caplog.at_level("INFO"):
+        model = load_model(Mixed(open_checkpoint(path)), Mesh.single(), torch.float32, weights="auto")
+    assert model.layers["0"].attention.wqkv.qtype is None and "loading the stack as float" in caplog.text
+    assert model.layers["0"].feed_forward.w13.qtype == "Q4_1"
+
+
+class KQuantCheckpoint(Checkpoint):
+    """Random Q4_K matrices with Q6_K wo / w2 / embedding / head, as llama.cpp's Q4_K_M files mix them."""
+
+    def __init__(self, args: ModelArgs):
+        self.args, self.path = args, Path("kquant:random")
+        self.blocks, self.norms = {}, {}
+        for i, (name, shape) in enumerate(expected_shapes(args).items()):
+            if len(shape) == 1:
+                self.norms[name] = 1 + 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(i))
+            else:
+                qtype = "Q6_K" if any(k in name for k in ("wo", "w2", "tok_embeddings", "output")) else "Q4_K"
+                self.blocks[name] = (qtype, random_blocks(qtype, *shape, seed=100 + i))
+
+    def shapes(self):
+        return expected_shapes(self.args)
+
+    def qtype(self, name):
+        return self.blocks[name][0] if name in self.blocks else None
+
+    def read(self, name, dim=None, start=0, stop=None):
+        if name in self.norms:
+            return self.norms[name].clone()
+        return narrow(reference(self.blocks[name][1], self.blocks[name][0]), dim, start, stop).clone()
+
+    def read_quant(self, name, dim=None, start=0, stop=None):
+        qtype, raw = self.blocks[name]
+        if dim == 1:
+            _, block, nbytes = quant.FORMATS[qtype]
+            stop = quant.in_features(raw, qtype) if stop is None else stop
+            return raw[:, start // block * nbytes: stop // block * nbytes].clone()
+        return narrow(raw, dim, start, stop).clone()
+
+
+def test_k_quants_stay_in_their_blocks_and_match_float(counting):
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=512)
+    ckpt = KQuantCheckpoint(args)
+    auto = load_model(ckpt, Mesh.single(), torch.float32, weights="auto")
+    dense = load_model(ckpt, Mesh.single(), torch.float32, weights="float")
+    assert auto.layers["0"].attention.wqkv.qtype == "Q4_K" and auto.layers["1"].feed_forward.w2.qtype == "Q6_K"
+    assert auto.output.qtype == "Q6_K" and auto.tok_embeddings.qtype == "Q6_K"
+    ids = [3, 14, 15, 92, 65, 35]
+    assert (logits(auto, ids) - logits(dense, ids)).abs().max().item() <= TOL
+    counting.calls.clear()
+    greedy = SamplingParams(6, temperature=0.0)
+    got = generate(auto, Mesh.single(), [ids], greedy, frozenset())[0].tokens
+    assert counting.calls["qlinear"] > 0
+    assert got == generate(dense, Mesh.single(), [ids], greedy, frozenset())[0].tokens
+
+
+# --- the real SmolLM2 (Q4_1 layers, Q8_0 tied embedding) at every layout ---------------------------
+
+def smol_run(mesh: Mesh, path: str, weights: str, kernel: bool = True):
+    """(logits of the prompt on the last stage or None, greedy tokens, qtypes held, kernel calls)."""
+    if kernel:
+        quant._ops = CountingOps(kernel_ops())
+    ckpt = open_checkpoint(path)
+    tok = ckpt.tokenizer()
+    layers = stage_layer_ids(ckpt.args, ParallelConfig(tensor=mesh.tp.size, pipeline=mesh.pp.size), mesh)
+    model = load_model(ckpt, mesh, torch.float32, layers, weights)
+    ids = tok.encode(SMOL_PROMPT)
+    tokens = torch.tensor([ids])
+    model.setup_caches(1, len(ids) + SMOL_NEW)
+    with torch.inference_mode():
+        out = run_stages(model, mesh, tokens, torch.arange(len(ids)).unsqueeze(0), None, 1)
+    done = generate(model, mesh, [ids], SamplingParams(SMOL_NEW, temperature=0.0), tok.stop_ids)
+    qtypes = {n: m.qtype for n, m in model.named_modules() if hasattr(m, "qtype")}
+    calls = dict(quant._ops.calls) if kernel else {}
+    return out, done[0].tokens, qtypes, calls
+
+
+@pytest.fixture(scope="module")
+def smol_float(smollm2_gguf):
+    return smol_run(Mesh.single(), str(smollm2_gguf), "float", kernel=False)
+
+
+def test_smollm2_auto_keeps_q4_1_and_q8_0_and_matches_float(smollm2_gguf, smol_float):
+    want_logits, want_tokens, _, _ = smol_float
+    got_logits, tokens, qtypes, calls = smol_run(Mesh.single(), str(smollm2_gguf), "auto")
+    assert qtypes["tok_embeddings"] == "Q8_0" and qtypes["output"] == "Q8_0"  # the tied head reads the table
+    assert {q for n, q in qtypes.items() if n.startswith("layers.")} == {"Q4_1"}
+    assert calls["qlinear"] > 0
+    assert (got_logits - want_logits).abs().max().item() <= TOL
+    assert tokens == want_tokens
+    model = load_model(open_checkpoint(smollm2_gguf), Mesh.single(), torch.float32, weights="auto")
+    assert model.output.weight is model.tok_embeddings.weight
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert held < 100 * 2**20  # vs ~513 MiB of float32
+
+
+@pytest.mark.parametrize("tensor,pipeline", [(2, 1), (3, 1), (1, 2)])
+def test_smollm2_auto_at_every_layout_matches_float(smollm2_gguf, smol_float, tensor, pipeline):
+    want_logits, want_tokens, _, _ = smol_float
+    results = run_ranks(smol_run, tensor * pipeline, str(smollm2_gguf), "auto", tensor=tensor, pipeline=pipeline)
+    for rank, (got_logits, tokens, qtypes, calls) in enumerate(results):
+        assert tokens == want_tokens, rank
+        assert calls["qlinear"] > 0, rank
+        assert {q for n, q in qtypes.items() if n.startswith("layers.")} == {"Q4_1"}, rank
+        if got_logits is not None:
+            assert (got_logits - want_logits).abs().max().item() <= TOL, rank
+    assert sum(r[0] is not None for r in results) >= 1
+
+
+# --- int8 / int4 on load ----------------------------------------------------------------------------
+
+class FloatView(Checkpoint):
+    """A checkpoint's tensors as floats only (no block formats), like a float export of the same model."""
+
+    def __init__(self, inner: Checkpoint):
+        self.inner, self.path, self.args = inner, inner.path, inner.args
+
+    def shapes(self):
+        return self.inner.shapes()
+
+    def read(self, *args):
+        return self.inner.read(*args)
+
+
+def text_ids(tokenizer, n: int) -> list[int]:
+    """n tokens of varied text: the README, then the package's Python sources."""
+    text = (REPO / "README.md").read_text()
+    text += "".join(p.read_text() for p in sorted((REPO / "llama3_dist").rglob("*.py")))
+    return tokenizer.encode(text)[:n]
+
+
+def perplexity(model, ids: list[int]) -> float:
+    logits_ = logits(model, ids)[0, :-1]
+    return math.exp(F.cross_entropy(logits_, torch.tensor(ids[1:])).item())
+
+
+def fidelity(ckpt: Checkpoint, ids: list[int]) -> dict[str, tuple[float, float]]:
+    """runtime.weights -> (perplexity, max |logit - float logit|) on ids."""
+    dense = load_model(ckpt, Mesh.single(), torch.float32, weights="float")
+    base_logits, base = logits(dense, ids), perplexity(dense, ids)
+    out = {"float": (base, 0.0)}
+    for weights in ("int8", "int4"):
+        model = load_model(ckpt, Mesh.single(), torch.float32, weights=weights)
+        qtypes = {n: m.qtype for n, m in model.named_modules() if hasattr(m, "qtype")}
+        assert {q for n, q in qtypes.items() if n.startswith("layers.")} == {quant.ON_LOAD[weights]}, weights
+        assert qtypes["tok_embeddings"] == quant.ON_LOAD_TABLE[weights], weights
+        out[weights] = (perplexity(model, ids), (logits(model, ids) - base_logits).abs().max().item())
+    return out
+
+
+def test_int8_int4_on_load_keep_perplexity_on_smollm2(smollm2_gguf):
+    ckpt = FloatView(open_checkpoint(smollm2_gguf))
+    got = fidelity(ckpt, text_ids(ckpt.inner.tokenizer(), 128))
+    base = got["float"][0]
+    assert abs(got["int8"][0] / base - 1) <= 0.01, got
+    assert abs(got["int4"][0] / base - 1) <= 0.03, got
+
+
+def test_int8_int4_on_load_keep_perplexity_on_a_llama_shaped_checkpoint(smollm2_gguf):
+    args = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=49152, hidden_dim=768)
+    ids = text_ids(open_checkpoint(smollm2_gguf).tokenizer(), 256)
+    got = fidelity(RandomCheckpoint(args, seed=3), ids)
+    base = got["float"][0]
+    assert abs(got["int8"][0] / base - 1) <= 0.01, got
+    assert abs(got["int4"][0] / base - 1) <= 0.05, got
+
+
+def test_int8_from_a_hugging_face_checkpoint_at_tp2(tmp_path):
+    path = write_hf(random_model(tiny_config(), seed=15), tmp_path / "hf")
+    want = logits(load_model(open_checkpoint(path), Mesh.single(), torch.float32, weights="int8"), [5, 6, 7])
+    got = run_ranks(hf_int8_logits, 2, str(path))
+    for rank_logits in got:
+        assert (rank_logits - want).abs().max().item() <= 1e-4
+
+
+def hf_int8_logits(mesh: Mesh, path: str):
+    model = load_model(open_checkpoint(path), mesh, torch.float32, weights="int8")
+    assert model.layers["0"].feed_forward.w2.qtype == "Q8_0"
+    return logits(model, [5, 6, 7])
+
+
+# --- plan -------------------------------------------------------------------------------------------
+
+def test_plan_counts_quantized_bytes(smollm2_gguf):
+    cfg = load_config(None, [f"model.checkpoint={smollm2_gguf}"])
+    ckpt = open_checkpoint(smollm2_gguf)
+    auto = plan(cfg, ckpt.args, ckpt=ckpt)[0].param_bytes
+    model = load_model(ckpt, Mesh.single(), torch.float32, weights="auto")
+    assert auto == sum(p.numel() * p.element_size() for p in model.parameters())
+    dense = plan(load_config(None, [f"model.checkpoint={smollm2_gguf}", "runtime.weights=float"]), ckpt.args,
+                 ckpt=ckpt)[0].param_bytes
+    assert auto < dense / 5
+    args = preset_args("llama3-8b")
+    by = {w: plan(load_config(None, ["model.preset=llama3-8b", f"runtime.weights={w}"]), args)[0].param_bytes
+          for w in ("auto", "int8", "int4")}
+    assert by["int8"] == pytest.approx(by["auto"] * 34 / 128, rel=1e-3)  # every matrix in Q8_0, norms float32
+    tables = 2 * args.vocab_size * args.dim  # embedding and untied head: Q8_0 under int4 as well
+    assert by["int4"] == pytest.approx(by["auto"] * 20 / 128 + tables * (34 - 20) / 32, rel=1e-3)
