@@ -1,7 +1,7 @@
 """Quantized weights, measured: decode tok/s and peak RSS per runtime.weights/dtype, GEMV GB/s, and fidelity.
 
-    python scripts/quant_bench.py speed [--checkpoint PATH] [--rounds 3] [--tokens 64]
-    python scripts/quant_bench.py gemv
+    python scripts/quant_bench.py speed [--checkpoint PATH] [--rounds 3] [--tokens 64] [--threads 1]
+    python scripts/quant_bench.py gemv [--threads 1]
     python scripts/quant_bench.py fidelity [--tokens 2048]
     [torchrun --nproc-per-node 2] python scripts/quant_bench.py big --weights int4 --tokens 4
 
@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = [("auto", "float32"), ("float", "float32"), ("float", "bfloat16"), ("auto", "bfloat16")]
 
 
-def one(checkpoint: str, weights: str, dtype: str, tokens: int) -> dict:
+def one(checkpoint: str, weights: str, dtype: str, tokens: int, threads: int) -> dict:
     cfg = load_config(None, [f"model.checkpoint={checkpoint}", f"runtime.weights={weights}",
-                             f"runtime.dtype={dtype}"])
+                             f"runtime.dtype={dtype}", f"runtime.threads={threads}"])
     ready = assemble(cfg)
     ids = ready.tokenizer.encode("The history of the Roman Empire")
     params = SamplingParams(tokens, temperature=0.0)
@@ -54,7 +54,8 @@ def speed(args) -> None:
     for _ in range(args.rounds):
         for weights, dtype in RUNS:
             out = subprocess.run([sys.executable, __file__, "one", "--checkpoint", args.checkpoint, "--weights", weights,
-                                  "--dtype", dtype, "--tokens", str(args.tokens)], capture_output=True, text=True,
+                                  "--dtype", dtype, "--tokens", str(args.tokens), "--threads", str(args.threads)],
+                                 capture_output=True, text=True,
                                  check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             key = (weights, dtype)
@@ -72,6 +73,7 @@ def speed(args) -> None:
 
 def gemv(args) -> None:
     """One decode-step matrix-vector product per format vs F.linear on float32 / bfloat16 weights."""
+    torch.set_num_threads(args.threads)
     ops = quant.load()
     gen = torch.Generator().manual_seed(0)
 
@@ -171,9 +173,10 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (speed, gemv)")
     args = p.parse_args()
     if args.what == "one":
-        print(json.dumps(one(args.checkpoint, args.weights, args.dtype, args.tokens)))
+        print(json.dumps(one(args.checkpoint, args.weights, args.dtype, args.tokens, args.threads)))
     else:
         {"speed": speed, "gemv": gemv, "fidelity": fidelity, "big": big}[args.what](args)
 
