@@ -41,7 +41,8 @@ def run_ours(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = load_config(None, [f"parallel.tensor={world}", f"runtime.device={args.device}", f"runtime.dtype={args.dtype}",
                              f"runtime.compile={str(args.compile).lower()}",
-                             f"runtime.cuda_graphs={str(args.graphs).lower()}"])
+                             f"runtime.cuda_graphs={str(args.graphs).lower()}",
+                             "runtime.weights=float"])  # the dense weights transformers and llama.cpp get
     ready = assemble(cfg, open_bench_checkpoint(args.checkpoint, args.device), tokenizer=False)
     mesh, model, ckpt = ready.mesh, ready.model, ready.ckpt
     prompts = prompt_ids(ckpt.args.vocab_size, args.batch, args.prompt_len)
