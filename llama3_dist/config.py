@@ -94,7 +94,7 @@ class ServeConfig:
     port: int = 8000
     model_name: str | None = None  # the name clients pass as `model`; None: the checkpoint's name
     max_queue: int = 64  # requests waiting for a slot beyond this get 429
-    heartbeat_s: float = 2.0  # an idle rank 0 pings the other ranks this often (well under runtime.timeout_s)
+    heartbeat_s: float | None = None  # an idle rank 0 pings the other ranks this often; None: min(2, timeout_s / 4)
     shutdown_grace_s: float = 5.0  # on SIGTERM, in-flight requests get this long to finish
 
     def check(self, timeout_s: float) -> None:
@@ -103,13 +103,17 @@ class ServeConfig:
             raise ConfigError(f"serve.port: must be in 0..65535, got {self.port}")
         if self.max_queue < 0:
             raise ConfigError(f"serve.max_queue: must be >= 0, got {self.max_queue}")
-        if not 0 < self.heartbeat_s <= timeout_s / 4:
+        if self.heartbeat_s is not None and not 0 < self.heartbeat_s <= timeout_s / 4:
             raise ConfigError(f"serve.heartbeat_s: must be in (0, runtime.timeout_s / 4 = {timeout_s / 4:g}], "
                               f"got {self.heartbeat_s}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"serve.shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
         if self.model_name is not None and not self.model_name.strip():
             raise ConfigError("serve.model_name: must not be empty")
+
+    def heartbeat(self, timeout_s: float) -> float:
+        """Seconds between an idle server's heartbeats: well under the collective timeout."""
+        return min(2.0, timeout_s / 4) if self.heartbeat_s is None else self.heartbeat_s
 
 
 @dataclass

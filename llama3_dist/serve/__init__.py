@@ -64,7 +64,7 @@ def serve(cfg: Config, announce: Callable[[str], None]) -> None:
                         r.timeout_s)
         scheduler = None
         if rank == 0:
-            scheduler = Scheduler(ready.tokenizer, r.max_batch_size, s.max_queue, s.heartbeat_s, state.metrics)
+            scheduler = Scheduler(ready.tokenizer, r.max_batch_size, s.max_queue, s.heartbeat(r.timeout_s), state.metrics)
             state.tokenizer, state.scheduler = ready.tokenizer, scheduler
             announce(f"listening on http://{s.host}:{http.port}")
         handle_signals(scheduler, s.shutdown_grace_s)
