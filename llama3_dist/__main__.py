@@ -1,4 +1,5 @@
 """`python -m llama3_dist` == the `llama3-dist` console script."""
+
 import sys
 
 from .cli import main

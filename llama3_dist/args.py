@@ -2,6 +2,7 @@
 
 The bottom of the package (beside errors.py): every other module may import it, it imports none.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,31 +76,98 @@ def params_to_args(params: dict, has_output: bool) -> ModelArgs:
             tie_embeddings=not has_output,
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"params.json: missing or invalid field {e}; expected Meta's keys "
-                              f"(dim, n_layers, n_heads, n_kv_heads, vocab_size, ...)") from None
+        raise CheckpointError(
+            f"params.json: missing or invalid field {e}; expected Meta's keys "
+            f"(dim, n_layers, n_heads, n_kv_heads, vocab_size, ...)"
+        ) from None
 
 
 # Real Llama 3 architectures (params.json as Meta ships them), for random checkpoints and `plan`.
 PRESETS: dict[str, dict] = {
-    "llama3-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-                  "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0},
-    "llama3-70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
-                   "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0},
-    "llama3.1-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-                    "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                    "use_scaled_rope": True},
-    "llama3.1-70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
-                     "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                     "use_scaled_rope": True},
-    "llama3.1-405b": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "vocab_size": 128256,
-                      "multiple_of": 4096, "ffn_dim_multiplier": 1.2, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                      "use_scaled_rope": True},
-    "llama3.2-1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-                    "multiple_of": 256, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                    "use_scaled_rope": True, "rope_scaling_factor": 32.0},
-    "llama3.2-3b": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "vocab_size": 128256,
-                    "multiple_of": 256, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 500000.0,
-                    "use_scaled_rope": True, "rope_scaling_factor": 32.0},
+    "llama3-8b": {
+        "dim": 4096,
+        "n_layers": 32,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 1024,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    },
+    "llama3-70b": {
+        "dim": 8192,
+        "n_layers": 80,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    },
+    "llama3.1-8b": {
+        "dim": 4096,
+        "n_layers": 32,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 1024,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    },
+    "llama3.1-70b": {
+        "dim": 8192,
+        "n_layers": 80,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    },
+    "llama3.1-405b": {
+        "dim": 16384,
+        "n_layers": 126,
+        "n_heads": 128,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.2,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    },
+    "llama3.2-1b": {
+        "dim": 2048,
+        "n_layers": 16,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 256,
+        "ffn_dim_multiplier": 1.5,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+        "rope_scaling_factor": 32.0,
+    },
+    "llama3.2-3b": {
+        "dim": 3072,
+        "n_layers": 28,
+        "n_heads": 24,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 256,
+        "ffn_dim_multiplier": 1.0,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+        "rope_scaling_factor": 32.0,
+    },
 }
 TIED = {"llama3.2-1b", "llama3.2-3b"}  # these share the embedding with the output head
 

@@ -3,6 +3,7 @@
 The CLI, the server, the bench, `explain` and the scripts all start here, so a model is put
 together the same way everywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,16 +43,20 @@ class Ready:
 def with_rope_factor(args: ModelArgs, factor: float) -> ModelArgs:
     """args with its Llama 3.1-style rope scaling factor replaced (e.g. 32 for Llama 3.2 Meta checkpoints)."""
     if args.rope_scaling is None:
-        raise UserError("model.rope_scaling_factor: this checkpoint uses no Llama 3.1 rope scaling "
-                        "(params.json use_scaled_rope / HF rope_scaling); remove the override")
+        raise UserError(
+            "model.rope_scaling_factor: this checkpoint uses no Llama 3.1 rope scaling "
+            "(params.json use_scaled_rope / HF rope_scaling); remove the override"
+        )
     return dataclasses.replace(args, rope_scaling=dataclasses.replace(args.rope_scaling, factor=factor))
 
 
 def open_model_checkpoint(cfg: Config) -> Checkpoint:
     """The checkpoint of model.checkpoint (default: the embedded SmolLM2), with model.* overrides applied."""
     if cfg.model.preset is not None and cfg.model.checkpoint is None:
-        raise UserError(f"model.preset={cfg.model.preset} describes an architecture only (for `plan`); "
-                        f"give the weights with --checkpoint PATH")
+        raise UserError(
+            f"model.preset={cfg.model.preset} describes an architecture only (for `plan`); "
+            f"give the weights with --checkpoint PATH"
+        )
     ckpt = open_checkpoint(cfg.model.checkpoint or default_checkpoint())
     if cfg.model.rope_scaling_factor is not None:
         ckpt.args = with_rope_factor(ckpt.args, cfg.model.rope_scaling_factor)
@@ -71,8 +76,10 @@ def model_args(cfg: Config) -> ModelArgs:
 def check_vocab(tok, ckpt: Checkpoint) -> None:
     """Raise UserError when the tokenizer has ids the model's embedding does not."""
     if tok.n_words > ckpt.args.vocab_size:
-        raise UserError(f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
-                        f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint")
+        raise UserError(
+            f"the tokenizer has {tok.n_words} tokens but the model's vocabulary has "
+            f"{ckpt.args.vocab_size}; pass the tokenizer that belongs to the checkpoint"
+        )
 
 
 def open_tokenizer_for(cfg: Config, ckpt: Checkpoint) -> Tokenizer:
@@ -92,8 +99,13 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool | Tokenizer = True,
-             warm: tuple[int, int] | None = None, mesh: Mesh | None = None) -> Ready:
+def assemble(
+    cfg: Config,
+    ckpt: Checkpoint | None = None,
+    tokenizer: bool | Tokenizer = True,
+    warm: tuple[int, int] | None = None,
+    mesh: Mesh | None = None,
+) -> Ready:
     """Build this rank's ready model from a config.
 
     Args:
@@ -109,15 +121,26 @@ def assemble(cfg: Config, ckpt: Checkpoint | None = None, tokenizer: bool | Toke
     ckpt = ckpt or open_model_checkpoint(cfg)
     tok = open_tokenizer_for(cfg, ckpt) if tokenizer is True else tokenizer or None
     layer_ids = stage_layer_ids(ckpt.args, cfg.parallel, mesh)
-    log.info("loading %s (%s, %d layers%s) as %s", ckpt.path, type(ckpt).__name__.removesuffix("Checkpoint"),
-             ckpt.args.n_layers, f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",
-             cfg.runtime.dtype + ("" if cfg.runtime.weights == "auto" else f", weights {cfg.runtime.weights}"))
+    log.info(
+        "loading %s (%s, %d layers%s) as %s",
+        ckpt.path,
+        type(ckpt).__name__.removesuffix("Checkpoint"),
+        ckpt.args.n_layers,
+        f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",
+        cfg.runtime.dtype + ("" if cfg.runtime.weights == "auto" else f", weights {cfg.runtime.weights}"),
+    )
     model = load_model(ckpt, mesh, cfg.runtime.torch_dtype, layer_ids, cfg.runtime.weights)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = peak_rss_bytes()
-    log.info("stage %d tp-rank %d: layers %d-%d, %.2f GiB of weights, peak RSS %s after loading", mesh.stage,
-             mesh.tp.rank, layer_ids.start, layer_ids.stop - 1, weights / 2**30,
-             "n/a" if peak is None else f"{peak / 2**30:.2f} GiB")
+    log.info(
+        "stage %d tp-rank %d: layers %d-%d, %.2f GiB of weights, peak RSS %s after loading",
+        mesh.stage,
+        mesh.tp.rank,
+        layer_ids.start,
+        layer_ids.stop - 1,
+        weights / 2**30,
+        "n/a" if peak is None else f"{peak / 2**30:.2f} GiB",
+    )
     graphs = cfg.runtime.cuda_graphs and mesh.device.type == "cuda"
     if cfg.runtime.compile:
         log.info("compiling the decode step with torch.compile (takes a while, once per run)")

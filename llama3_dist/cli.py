@@ -5,6 +5,7 @@ and exit code 2 on every rank that hits it, never a traceback or a hang. A peer 
 answering is one stderr line and exit code 1 on every surviving rank, which then ends at once
 (no barrier, no teardown that could wait on the silent peer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,17 @@ log = logging.getLogger("llama3_dist")
 
 # CLI flag -> config key; a flag is sugar for --set and is applied after the --set list.
 FLAG_KEYS = {
-    "checkpoint": "model.checkpoint", "tokenizer": "model.tokenizer",
-    "max_new_tokens": "generate.max_new_tokens", "temperature": "generate.temperature",
-    "top_p": "generate.top_p", "top_k": "generate.top_k", "seed": "generate.seed",
-    "dtype": "runtime.dtype", "host": "serve.host", "port": "serve.port", "model_name": "serve.model_name",
+    "checkpoint": "model.checkpoint",
+    "tokenizer": "model.tokenizer",
+    "max_new_tokens": "generate.max_new_tokens",
+    "temperature": "generate.temperature",
+    "top_p": "generate.top_p",
+    "top_k": "generate.top_k",
+    "seed": "generate.seed",
+    "dtype": "runtime.dtype",
+    "host": "serve.host",
+    "port": "serve.port",
+    "model_name": "serve.model_name",
 }
 
 
@@ -56,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--dtype", choices=sorted(DTYPES))
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. parallel.tensor=2 (repeatable)")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. parallel.tensor=2 (repeatable)",
+    )
     g.add_argument("-v", "--verbose", action="store_true", help="every rank logs (memory after loading, ...)")
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     s.add_argument("--config", help="YAML config (see configs/)")
@@ -67,8 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
     s.add_argument("--model-name", help="the model name clients send (default: the checkpoint's name)")
     s.add_argument("--dtype", choices=sorted(DTYPES))
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. parallel.tensor=2 (repeatable)")
+    s.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. parallel.tensor=2 (repeatable)",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="every rank logs")
     pl = sub.add_parser("plan", help="memory per rank for a config, from the real sharded modules")
     pl.add_argument("--config", help="YAML config (see configs/)")
@@ -84,19 +102,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--timeout", type=float, default=900, help="seconds per engine run")
     b.add_argument("--eager", action="store_true", help="do not torch.compile our decode step")
-    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: Llama-3-8B-shaped random weights on the GPU, ours vs transformers")
+    b.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: Llama-3-8B-shaped random weights on the GPU, ours vs transformers",
+    )
     b.add_argument("--gpt-fast", metavar="DIR", help="with --device cuda: also time gpt-fast from this checkout")
-    b.add_argument("--serve", metavar="URL", help="serving mode: time a running `llama3-dist serve` at URL "
-                   "under 1, 2, 4, 8 concurrent streaming clients, next to generate's static batch")
+    b.add_argument(
+        "--serve",
+        metavar="URL",
+        help="serving mode: time a running `llama3-dist serve` at URL "
+        "under 1, 2, 4, 8 concurrent streaming clients, next to generate's static batch",
+    )
     b.add_argument("--clients", default="1,2,4,8", help="with --serve: concurrent client counts")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="with --serve: config of the static-batch model (give it the server's settings)")
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --serve: config of the static-batch model (give it the server's settings)",
+    )
     b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
     e = sub.add_parser("explain", help="walk one forward pass of the real model, tensor by tensor")
     e.add_argument("--config", help="YAML config (see configs/)")
     e.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
-    e.add_argument("--prompt", help="prompt text (default: the seed's question about life, the universe and everything)")
+    e.add_argument(
+        "--prompt", help="prompt text (default: the seed's question about life, the universe and everything)"
+    )
     e.add_argument("--layer", type=int, default=0, help="the layer walked through in detail (default 0)")
     e.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
     e.add_argument("--out", metavar="DIR", help="also write DIR/index.html with the figures (PNGs beside it)")
@@ -134,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_plan(args)
         if args.command == "bench":
             from .bench import run_bench, table
+
             if args.prompt_len < 16 or args.new_tokens < 2:
                 raise UserError("bench: --prompt-len must be >= 16 and --new-tokens >= 2")
             if args.serve:
                 from .bench.serving import run_serving_bench, serving_table
+
                 result = run_serving_bench(args)
                 print(json.dumps(result) if args.json else serving_table(result))
                 return 0
@@ -179,6 +214,7 @@ def fail(code: int, rank: int, message: str | None) -> int:
 def run_plan(args: argparse.Namespace) -> int:
     from .assemble import model_args, open_model_checkpoint
     from .plan import as_json, parse_bytes, plan, table
+
     sets = list(args.set) + ([f"model.checkpoint={json.dumps(args.checkpoint)}"] if args.checkpoint else [])
     cfg = load_config(args.config, sets)
     try:
@@ -192,8 +228,10 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(table(rows))
         worst = max(rows, key=lambda x: x.total_bytes)
-        print(f"largest rank: {worst.total_bytes / 2**30:.2f} GiB (rank {worst.rank}); "
-              f"batch {cfg.runtime.max_batch_size} x {cfg.runtime.max_seq_len} tokens, {cfg.runtime.dtype}")
+        print(
+            f"largest rank: {worst.total_bytes / 2**30:.2f} GiB (rank {worst.rank}); "
+            f"batch {cfg.runtime.max_batch_size} x {cfg.runtime.max_seq_len} tokens, {cfg.runtime.dtype}"
+        )
     return 0 if all(x.fits is not False for x in rows) else 1
 
 
@@ -228,8 +266,11 @@ def run_explain(args: argparse.Namespace) -> int:
     from .log import setup_logging
     from .parallel.mesh import shutdown, world_from_env
 
-    sets = list(args.set) + [f"{FLAG_KEYS[k]}={json.dumps(getattr(args, k))}" for k in ("checkpoint", "dtype")
-                             if getattr(args, k) is not None]
+    sets = list(args.set) + [
+        f"{FLAG_KEYS[k]}={json.dumps(getattr(args, k))}"
+        for k in ("checkpoint", "dtype")
+        if getattr(args, k) is not None
+    ]
     cfg = load_config(args.config, sets)
     # explain runs one eager prefill; the fast decode path (compile, CUDA graphs) serves decode steps only
     cfg.runtime = dataclasses.replace(cfg.runtime, compile=False, cuda_graphs=False)
@@ -279,8 +320,16 @@ def run_generate(args: argparse.Namespace) -> int:
         print(texts[0], end="", flush=True)
     stop_ids = tok.stop_ids | {tok.special_tokens[x] for x in gen.stop if x in tok.special_tokens}
     strings = [x for x in gen.stop if x not in tok.special_tokens]
-    results = generate(model, mesh, prompts, gen.sampling(), stop_ids, printer, cfg.parallel.microbatches,
-                       StopStrings(tok, strings) if strings else None)
+    results = generate(
+        model,
+        mesh,
+        prompts,
+        gen.sampling(),
+        stop_ids,
+        printer,
+        cfg.parallel.microbatches,
+        StopStrings(tok, strings) if strings else None,
+    )
     if mesh.is_rank0:
         report(args, texts, results, tok, printer)
     shutdown()
@@ -290,6 +339,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def read_stdin(mesh) -> list[str]:
     """The prompt piped on stdin: rank 0 alone reads it and sends it to every rank ([] from a terminal)."""
     from .parallel.comm import broadcast_object
+
     texts = None
     if mesh.is_rank0:
         texts = [sys.stdin.read()] if not sys.stdin.isatty() else []
@@ -304,7 +354,7 @@ class StopStrings:
         self.window = max(len(x.encode()) for x in strings) + 1  # every token carries >= 1 byte
 
     def __call__(self, tokens: list[int]) -> int | None:
-        tail = self.tok.decode(tokens[-self.window:])
+        tail = self.tok.decode(tokens[-self.window :])
         if not any(x in tail for x in self.strings):
             return None
         text = self.tok.decode(tokens)
@@ -335,10 +385,20 @@ def report(args, texts, results, tok, printer: StreamPrinter | None) -> None:
     """Rank 0's output: JSON lines, the end of a stream, or each completion in turn."""
     if args.json:
         for text, r in zip(texts, results):
-            print(json.dumps({"prompt": text, "prompt_tokens": r.prompt_tokens, "tokens": r.tokens,
-                              "text": tok.decode(r.tokens), "finish_reason": r.finish_reason,
-                              "prefill_ms": round(r.prefill_ms, 3),
-                              "decode_tokens_per_s": round(r.decode_tokens_per_s, 3)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "prompt": text,
+                        "prompt_tokens": r.prompt_tokens,
+                        "tokens": r.tokens,
+                        "text": tok.decode(r.tokens),
+                        "finish_reason": r.finish_reason,
+                        "prefill_ms": round(r.prefill_ms, 3),
+                        "decode_tokens_per_s": round(r.decode_tokens_per_s, 3),
+                    }
+                ),
+                flush=True,
+            )
         return
     if printer is not None:
         printer.close()
@@ -349,5 +409,9 @@ def report(args, texts, results, tok, printer: StreamPrinter | None) -> None:
     n_prompt = sum(len(r.prompt_tokens) for r in results)
     n_gen = sum(len(r.tokens) for r in results)
     r = results[0]
-    print(f"[{n_prompt} prompt tokens, {n_gen} generated, prefill {r.prefill_ms:.1f} ms, "
-          f"decode {r.decode_tokens_per_s * len(results):.1f} tok/s]", file=sys.stderr, flush=True)
+    print(
+        f"[{n_prompt} prompt tokens, {n_gen} generated, prefill {r.prefill_ms:.1f} ms, "
+        f"decode {r.decode_tokens_per_s * len(results):.1f} tok/s]",
+        file=sys.stderr,
+        flush=True,
+    )

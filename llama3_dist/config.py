@@ -1,4 +1,5 @@
 """Typed run configuration: one dataclass per YAML section, dotted `--set` overrides, strict validation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,7 +78,7 @@ class SamplingParams:
         if self.top_k < 0:
             raise ConfigError(f"{prefix}top_k: must be >= 0 (0 disables it), got {self.top_k}")
 
-    def sampling(self) -> "SamplingParams":
+    def sampling(self) -> SamplingParams:
         """Just the sampling settings (a GenerateConfig carries more)."""
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
 
@@ -104,8 +105,9 @@ class ServeConfig:
         if self.max_queue < 0:
             raise ConfigError(f"serve.max_queue: must be >= 0, got {self.max_queue}")
         if self.heartbeat_s is not None and not 0 < self.heartbeat_s <= timeout_s / 4:
-            raise ConfigError(f"serve.heartbeat_s: must be in (0, runtime.timeout_s / 4 = {timeout_s / 4:g}], "
-                              f"got {self.heartbeat_s}")
+            raise ConfigError(
+                f"serve.heartbeat_s: must be in (0, runtime.timeout_s / 4 = {timeout_s / 4:g}], got {self.heartbeat_s}"
+            )
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"serve.shutdown_grace_s: must be >= 0, got {self.shutdown_grace_s}")
         if self.model_name is not None and not self.model_name.strip():
@@ -124,12 +126,16 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check every value and cross-field rule; raise ConfigError naming the key."""
         p, r, g = self.parallel, self.runtime, self.generate
-        for key, value in (("parallel.tensor", p.tensor), ("parallel.pipeline", p.pipeline),
-                           ("parallel.microbatches", p.microbatches), ("runtime.max_seq_len", r.max_seq_len),
-                           ("runtime.max_batch_size", r.max_batch_size)):
+        for key, value in (
+            ("parallel.tensor", p.tensor),
+            ("parallel.pipeline", p.pipeline),
+            ("parallel.microbatches", p.microbatches),
+            ("runtime.max_seq_len", r.max_seq_len),
+            ("runtime.max_batch_size", r.max_batch_size),
+        ):
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
@@ -155,8 +161,9 @@ class Config:
             _choice("model.preset", self.model.preset, tuple(PRESETS))
         if p.stage_layers is not None:
             if len(p.stage_layers) != p.pipeline:
-                raise ConfigError(f"parallel.stage_layers: needs one entry per stage ({p.pipeline}), "
-                                  f"got {len(p.stage_layers)}")
+                raise ConfigError(
+                    f"parallel.stage_layers: needs one entry per stage ({p.pipeline}), got {len(p.stage_layers)}"
+                )
             if any(n < 1 for n in p.stage_layers):
                 raise ConfigError(f"parallel.stage_layers: every stage needs >= 1 layer, got {p.stage_layers}")
         return self
@@ -177,11 +184,14 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         try:
             data = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix its syntax "
-                              f"(see configs/*.yaml)") from None
+            raise ConfigError(
+                f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix its syntax (see configs/*.yaml)"
+            ) from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections (model:, parallel:, ...), got "
-                              f"a {type(data).__name__}; see configs/*.yaml")
+            raise ConfigError(
+                f"{path}: top level must be a mapping of sections (model:, parallel:, ...), got "
+                f"a {type(data).__name__}; see configs/*.yaml"
+            )
         for section, values in data.items():
             if not isinstance(values, dict):
                 _section(cfg, section)
@@ -195,8 +205,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]}); "
-                              f"quote strings, e.g. {key.strip()}='\"text\"'") from None
+            raise ConfigError(
+                f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                f"quote strings, e.g. {key.strip()}='\"text\"'"
+            ) from None
         set_key(cfg, key.strip(), value)
     return cfg.validate()
 

@@ -10,6 +10,7 @@ with the hooked input of wo, so a drift would show. Each rank sees only its own 
 pieces rank 0 needs are gathered to it, and rank 0 alone assembles the walkthrough. Returns data,
 never prints: cli.py renders `format_text`, `as_json` or `write_html`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -101,11 +102,15 @@ def explain(ready: Ready, prompt: str = DEFAULT_PROMPT, layer: int = 0, head: in
     if not ids:
         raise UserError("explain: the prompt encodes to no tokens; give some text with --prompt")
     if len(ids) > min(MAX_TOKENS, ready.cfg.runtime.max_seq_len):
-        raise UserError(f"explain: the prompt has {len(ids)} tokens; the walkthrough takes at most "
-                        f"{min(MAX_TOKENS, ready.cfg.runtime.max_seq_len)}: shorten it")
+        raise UserError(
+            f"explain: the prompt has {len(ids)} tokens; the walkthrough takes at most "
+            f"{min(MAX_TOKENS, ready.cfg.runtime.max_seq_len)}: shorten it"
+        )
     if len(ids) == 1 and ready.model.decode_step is not None:
-        raise UserError("explain: a one-token prompt runs the fast decode step, which hooks do not see; "
-                        "build the model with runtime.compile=false and runtime.cuda_graphs=false")
+        raise UserError(
+            "explain: a one-token prompt runs the fast decode step, which hooks do not see; "
+            "build the model with runtime.compile=false and runtime.cuda_graphs=false"
+        )
     facts = observe(ready.model, mesh, ids, layer, head)
     everyone = gather_to_rank0(facts, mesh)
     if everyone is None:
@@ -117,6 +122,7 @@ def explain(ready: Ready, prompt: str = DEFAULT_PROMPT, layer: int = 0, head: in
 
 # ---------------------------------------------------------------- on every rank: hooks and recomputation
 
+
 class Probe:
     """Forward hooks on this rank's modules that keep a copy of what each saw."""
 
@@ -127,8 +133,9 @@ class Probe:
         if model.mesh.is_pp_first_stage:
             self.output(model.tok_embeddings, "embed")
         for lid, block in model.layers.items():
-            self.handles.append(block.register_forward_hook(
-                lambda m, a, out, lid=int(lid): self.resid.__setitem__(lid, row(out))))
+            self.handles.append(
+                block.register_forward_hook(lambda m, a, out, lid=int(lid): self.resid.__setitem__(lid, row(out)))
+            )
         if str(layer) in model.layers:  # layer N is on this stage
             block = model.layers[str(layer)]
             self.input(block.attention_norm, "x")
@@ -153,12 +160,14 @@ class Probe:
         self.seen.update(pos=pos.clone(), freqs_cis=freqs_cis.clone(), mask=mask.clone())
 
     def input(self, module, name: str) -> None:
-        self.handles.append(module.register_forward_pre_hook(
-            lambda m, a: self.seen.__setitem__(name, a[0].detach().clone())))
+        self.handles.append(
+            module.register_forward_pre_hook(lambda m, a: self.seen.__setitem__(name, a[0].detach().clone()))
+        )
 
     def output(self, module, name: str) -> None:
         def keep(m, a, out):  # a clone: row-parallel outputs are all-reduced in place
             self.seen[name] = tuple(t.detach().clone() for t in out) if isinstance(out, tuple) else out.detach().clone()
+
         self.handles.append(module.register_forward_hook(keep))
 
     def remove(self) -> None:
@@ -177,11 +186,20 @@ def layout(model: Transformer, mesh: Mesh) -> dict:
     attn, ffn = block.attention, block.feed_forward
     hd = attn.head_dim
     (_, _, (q0, q1)), (_, _, (k0, k1)), _ = attn.wqkv.parts
-    out = {"rank": mesh.rank, "stage": mesh.stage, "tp_rank": mesh.tp.rank, "tp_ranks": list(mesh.tp.ranks),
-           "pp_ranks": list(mesh.pp.ranks), "layers": [model.layer_ids.start, model.layer_ids.stop],
-           "q_heads": [q0 // hd, q1 // hd], "kv_heads": [k0 // hd, k1 // hd],
-           "ffn": list(ffn.w13.parts[0][2]), "wo_cols": list(attn.wo.shard[1:]), "w2_cols": list(ffn.w2.shard[1:]),
-           "dtype": str(model.dtype).removeprefix("torch.")}
+    out = {
+        "rank": mesh.rank,
+        "stage": mesh.stage,
+        "tp_rank": mesh.tp.rank,
+        "tp_ranks": list(mesh.tp.ranks),
+        "pp_ranks": list(mesh.pp.ranks),
+        "layers": [model.layer_ids.start, model.layer_ids.stop],
+        "q_heads": [q0 // hd, q1 // hd],
+        "kv_heads": [k0 // hd, k1 // hd],
+        "ffn": list(ffn.w13.parts[0][2]),
+        "wo_cols": list(attn.wo.shard[1:]),
+        "w2_cols": list(ffn.w2.shard[1:]),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
     if mesh.is_pp_first_stage:
         out["embed_rows"] = list(model.tok_embeddings.shard[1:])
     if mesh.is_pp_last_stage:
@@ -203,21 +221,30 @@ def observe(model: Transformer, mesh: Mesh, ids: list[int], layer: int, head: in
         probe.remove()
     seen, facts = probe.seen, {"layout": layout(model, mesh)}
     lead = mesh.tp.rank == 0  # replicated activations are reported once per stage
-    facts["dtypes"] = {name: str((t[0] if isinstance(t, tuple) else t).dtype).removeprefix("torch.")
-                       for name, t in seen.items()}
+    facts["dtypes"] = {
+        name: str((t[0] if isinstance(t, tuple) else t).dtype).removeprefix("torch.") for name, t in seen.items()
+    }
     if lead:
         facts["resid"] = probe.resid
-        facts["rows"] = {name: row(seen[name]) for name in ("embed", "x", "x_norm", "attn_proj", "h", "h_norm",
-                                                           "ffn", "out", "final_in", "final_norm") if name in seen}
+        facts["rows"] = {
+            name: row(seen[name])
+            for name in ("embed", "x", "x_norm", "attn_proj", "h", "h_norm", "ffn", "out", "final_in", "final_norm")
+            if name in seen
+        }
     if "qkv" in seen:
         block = model.layers[str(layer)]
-        facts.update(recompute_attention(block, model.cache.rows(0, 1).layer(list(model.layers).index(str(layer))),
-                                         seen, head, facts["layout"]))
+        facts.update(
+            recompute_attention(
+                block, model.cache.rows(0, 1).layer(list(model.layers).index(str(layer))), seen, head, facts["layout"]
+            )
+        )
         if lead:
             gate, up = seen["gate_up"]
             facts["rows"].update(gate=row(gate), up=row(up), act=row(seen["act"]))
-            facts["norm_w"] = {"attention_norm": block.attention_norm.weight[:FEW].float().cpu(),
-                               "ffn_norm": block.ffn_norm.weight[:FEW].float().cpu()}
+            facts["norm_w"] = {
+                "attention_norm": block.attention_norm.weight[:FEW].float().cpu(),
+                "ffn_norm": block.ffn_norm.weight[:FEW].float().cpu(),
+            }
             facts["mask"] = seen["mask"][0, 0].cpu()
     if "logits" in seen and mesh.rank == mesh.sampler_rank:
         logits = seen["logits"][0, -1].float()  # (vocab,): full vocab after the all-gather
@@ -239,7 +266,7 @@ def recompute_attention(block, cache, seen: dict, head: int, where: dict) -> dic
     q, k, v = q.view(B, T, nq, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
     freqs_cis, mask = seen["freqs_cis"], seen["mask"]  # (1, T, hd/2, 2), (1, 1, T, S)
     q_rot, k_rot = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)  # (1, T, heads, hd)
-    k_cached, v_cached = cache.k[:, :, :mask.shape[-1]], cache.v[:, :, :mask.shape[-1]]  # the views attend read
+    k_cached, v_cached = cache.k[:, :, : mask.shape[-1]], cache.v[:, :, : mask.shape[-1]]  # the views attend read
     y = attend(q_rot.transpose(1, 2), k_cached, v_cached, mask)  # (1, nq, T, hd)
     y = y.transpose(1, 2).reshape(B, T, nq * hd)
     q0, kv0 = where["q_heads"][0], where["kv_heads"][0]
@@ -260,10 +287,12 @@ def recompute_attention(block, cache, seen: dict, head: int, where: dict) -> dic
         p = T - 1
         c, s = freqs_cis[0, p, 0].tolist()
         out["head"] = {
-            "q": q[0, p, i, :FEW].float().cpu(), "k": k[0, p, kv, :FEW].float().cpu(),
+            "q": q[0, p, i, :FEW].float().cpu(),
+            "k": k[0, p, kv, :FEW].float().cpu(),
             "v": v[0, p, kv, :FEW].float().cpu(),
             "pair": [q[0, p, i, :2].float().tolist(), q_rot[0, p, i, :2].float().tolist(), math.atan2(s, c)],
-            "scores": scores[0, i].cpu(), "y": y[0, p, i * hd:i * hd + FEW].float().cpu(),
+            "scores": scores[0, i].cpu(),
+            "y": y[0, p, i * hd : i * hd + FEW].float().cpu(),
         }
     return out
 
@@ -282,6 +311,7 @@ def gather_to_rank0(facts: dict, mesh: Mesh) -> list[dict] | None:
 
 
 # ---------------------------------------------------------------- on rank 0: the walkthrough
+
 
 def few(t: Tensor, n: int = FEW) -> list[float]:
     return [float(f"{x:.4g}") for x in t[:n].tolist()]
@@ -308,19 +338,31 @@ def frequency_scaling(args: ModelArgs, freqs: Tensor, base: Tensor) -> str | Non
     if args.rope_scaling is not None:
         s = args.rope_scaling
         divided = int((ratio - s.factor).abs().lt(1e-4 * s.factor).sum())
-        return (f"Llama 3.1 scaling (factor {s.factor:g}, low_freq_factor {s.low_freq_factor:g}, high_freq_factor "
-                f"{s.high_freq_factor:g}, original context {s.original_max_position_embeddings}): {kept} pairs kept "
-                f"(wavelength < {s.original_max_position_embeddings / s.high_freq_factor:g}), {divided} divided by "
-                f"{s.factor:g} (wavelength > {s.original_max_position_embeddings / s.low_freq_factor:g}), "
-                f"{len(freqs) - kept - divided} blended")
+        return (
+            f"Llama 3.1 scaling (factor {s.factor:g}, low_freq_factor {s.low_freq_factor:g}, high_freq_factor "
+            f"{s.high_freq_factor:g}, original context {s.original_max_position_embeddings}): {kept} pairs kept "
+            f"(wavelength < {s.original_max_position_embeddings / s.high_freq_factor:g}), {divided} divided by "
+            f"{s.factor:g} (wavelength > {s.original_max_position_embeddings / s.low_freq_factor:g}), "
+            f"{len(freqs) - kept - divided} blended"
+        )
     if args.rope_freq_factors is not None:
-        return (f"per-frequency divisors from the GGUF's rope_freqs (Llama 3.1 scaling as llama.cpp stores it): "
-                f"{kept} pairs kept, {len(freqs) - kept} divided by {min(ratio.tolist()):.3g}-{max(ratio.tolist()):.3g}")
+        return (
+            f"per-frequency divisors from the GGUF's rope_freqs (Llama 3.1 scaling as llama.cpp stores it): "
+            f"{kept} pairs kept, {len(freqs) - kept} divided by {min(ratio.tolist()):.3g}-{max(ratio.tolist()):.3g}"
+        )
     return None
 
 
-def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str], layer: int, head: int,
-                   everyone: list[dict], top: list[NextToken]) -> Explanation:
+def assemble_steps(
+    ready: Ready,
+    prompt: str,
+    ids: list[int],
+    pieces: list[str],
+    layer: int,
+    head: int,
+    everyone: list[dict],
+    top: list[NextToken],
+) -> Explanation:
     """Rank 0: the numbered steps from every rank's facts."""
     args, cfg = ready.model.args, ready.cfg
     T, hd, dim = len(ids), args.hd, args.dim
@@ -337,6 +379,7 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
 
     def td(name: str, *shape: int) -> tuple[list[int], str]:  # the full (unsharded) shape and the real dtype
         return list(shape), dtypes[name]
+
     at_layer = [f for f in everyone if "probs" in f]
     probs = {h: p for f in at_layer for h, p in f["probs"].items()}
     kv_of = {h: kv for f in at_layer for h, kv in f["kv_of"].items()}
@@ -359,7 +402,10 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
 
     # 1. tokens
     bos = getattr(ready.tokenizer, "bos_id", None)
-    text = [f"{t:>4} {i:>7} {p!r}" + ("  <- BOS" if i == bos and t == 0 else "") for t, (i, p) in enumerate(zip(ids, pieces))]
+    text = [
+        f"{t:>4} {i:>7} {p!r}" + ("  <- BOS" if i == bos and t == 0 else "")
+        for t, (i, p) in enumerate(zip(ids, pieces))
+    ]
     if bos is None or ids[0] != bos:
         text.append("(no BOS: this tokenizer does not prepend one)")
     steps.append(Step(1, "tokens", "ids = tokenizer.encode(prompt)", [T], "int64", ids[:FEW], text))
@@ -367,71 +413,137 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
     # 2. embedding
     e = lead["embed"]
     first = [r for r in records if "embed_rows" in r]
-    steps.append(Step(2, "embedding", "x = tok_embeddings.weight[ids]", *td("embed", T, dim), few(e),
-                      [f"x[{T - 1}] = {show(e)}  ‖x[{T - 1}]‖ = {e.norm():.4g}  (one row of a {args.vocab_size} x {dim} table)"],
-                      where(f"VocabParallelEmbedding rows: {spans(first, 'embed_rows', 'ids')}",
-                            f"each rank looks up the ids it holds, zeroes the others, then all-reduce over tp ranks "
-                            f"{first[0]['tp_ranks']}")))
+    steps.append(
+        Step(
+            2,
+            "embedding",
+            "x = tok_embeddings.weight[ids]",
+            *td("embed", T, dim),
+            few(e),
+            [f"x[{T - 1}] = {show(e)}  ‖x[{T - 1}]‖ = {e.norm():.4g}  (one row of a {args.vocab_size} x {dim} table)"],
+            where(
+                f"VocabParallelEmbedding rows: {spans(first, 'embed_rows', 'ids')}",
+                f"each rank looks up the ids it holds, zeroes the others, then all-reduce over tp ranks "
+                f"{first[0]['tp_ranks']}",
+            ),
+        )
+    )
 
     # 3. RMSNorm of layer N
     x, xn, w = lead["x"], lead["x_norm"], layer_lead["norm_w"]["attention_norm"]
     rms = math.sqrt(float(x.pow(2).mean()) + args.norm_eps)
-    steps.append(Step(3, f"RMSNorm (layer {layer} attention_norm)", "x / rms(x) * w,  rms(x) = sqrt(mean(x²) + eps)",
-                      *td("x_norm", T, dim), few(xn),
-                      [f"layer {layer} input x[{T - 1}] = {show(x)}",
-                       f"rms(x[{T - 1}]) = {rms:.4g} (eps {args.norm_eps:g}),  w[:{FEW}] = {show(w)}",
-                       f"x / rms(x) * w = {show(xn)}"],
-                      where("norm weights are replicated on every rank; no communication")))
+    steps.append(
+        Step(
+            3,
+            f"RMSNorm (layer {layer} attention_norm)",
+            "x / rms(x) * w,  rms(x) = sqrt(mean(x²) + eps)",
+            *td("x_norm", T, dim),
+            few(xn),
+            [
+                f"layer {layer} input x[{T - 1}] = {show(x)}",
+                f"rms(x[{T - 1}]) = {rms:.4g} (eps {args.norm_eps:g}),  w[:{FEW}] = {show(w)}",
+                f"x / rms(x) * w = {show(xn)}",
+            ],
+            where("norm weights are replicated on every rank; no communication"),
+        )
+    )
 
     # 4. q, k, v and the GQA grouping
     groups = {}
     for h in range(args.n_heads):
         groups.setdefault(kv_of[h], []).append(h)
     gqa = "; ".join(f"KV head {kv} <- query heads {' '.join(map(str, hs))}" for kv, hs in sorted(groups.items()))
-    steps.append(Step(4, "q, k, v", "q = n·wqᵀ, k = n·wkᵀ, v = n·wvᵀ with n = attention_norm(x) (one stacked matmul, wqkv), split into heads",
-                      *td("qkv", T, args.n_heads, hd), few(detail["q"]),
-                      [(f"q ({T}, {args.n_heads}, {hd}), k ({T}, {args.n_kv_heads}, {hd}), "
-                        f"v ({T}, {args.n_kv_heads}, {hd})  (tokens, heads, head_dim)"),
-                       f"GQA, {args.n_heads // args.n_kv_heads} query heads per KV head: {gqa}",
-                       f"q[{T - 1}, head {head}] = {show(detail['q'])}",
-                       f"k[{T - 1}, KV head {kv_of[head]}] = {show(detail['k'])}   v = {show(detail['v'])}"],
-                      where("wqkv (column-parallel, KV-head groups): "
-                            + ", ".join(f"rank {r['rank']}: query heads {span(*r['q_heads'])}, "
-                                        f"KV heads {span(*r['kv_heads'])}" for r in layer_ranks),
-                            "each rank computes only its heads; no communication")))
+    steps.append(
+        Step(
+            4,
+            "q, k, v",
+            "q = n·wqᵀ, k = n·wkᵀ, v = n·wvᵀ with n = attention_norm(x) (one stacked matmul, wqkv), split into heads",
+            *td("qkv", T, args.n_heads, hd),
+            few(detail["q"]),
+            [
+                (
+                    f"q ({T}, {args.n_heads}, {hd}), k ({T}, {args.n_kv_heads}, {hd}), "
+                    f"v ({T}, {args.n_kv_heads}, {hd})  (tokens, heads, head_dim)"
+                ),
+                f"GQA, {args.n_heads // args.n_kv_heads} query heads per KV head: {gqa}",
+                f"q[{T - 1}, head {head}] = {show(detail['q'])}",
+                f"k[{T - 1}, KV head {kv_of[head]}] = {show(detail['k'])}   v = {show(detail['v'])}",
+            ],
+            where(
+                "wqkv (column-parallel, KV-head groups): "
+                + ", ".join(
+                    f"rank {r['rank']}: query heads {span(*r['q_heads'])}, KV heads {span(*r['kv_heads'])}"
+                    for r in layer_ranks
+                ),
+                "each rank computes only its heads; no communication",
+            ),
+        )
+    )
 
     # 5. RoPE
     (b0, b1), (a0, a1), angle = detail["pair"]
-    text = [(f"θ_j = theta^(-2j/{hd}), theta = {args.rope_theta:g}: θ_0 = {freqs[0]:.4g}, θ_1 = {freqs[1]:.4g}, "
-             f"θ_{hd // 4} = {freqs[hd // 4]:.4g}, θ_{hd // 2 - 1} = {freqs[-1]:.4g}")]
+    text = [
+        (
+            f"θ_j = theta^(-2j/{hd}), theta = {args.rope_theta:g}: θ_0 = {freqs[0]:.4g}, θ_1 = {freqs[1]:.4g}, "
+            f"θ_{hd // 4} = {freqs[hd // 4]:.4g}, θ_{hd // 2 - 1} = {freqs[-1]:.4g}"
+        )
+    ]
     if scaling is None:
         text.append("no frequency scaling: this checkpoint has none (Llama 3.1/3.2 checkpoints do)")
     else:
         text += [scaling, f"θ_{hd // 2 - 1}: {base[-1]:.4g} unscaled -> {freqs[-1]:.4g} scaled"]
-    text += [(f"q head {head}, position {T - 1}, pair 0 rotated by {T - 1}·θ_0 = {(T - 1) * float(freqs[0]):.4g} rad "
-              f"(≡ {angle:.4g} mod 2π, read off the model's freqs_cis):"),
-             f"({b0:.4g}, {b1:.4g}) -> ({a0:.4g}, {a1:.4g}),  length {math.hypot(b0, b1):.4g} -> {math.hypot(a0, a1):.4g}"]
-    steps.append(Step(5, "RoPE", "(x0 + i·x1) · e^(i·pos·θ_j) for each (even, odd) pair j of q and k",
-                      [T, hd // 2], "float32", few(freqs), text,
-                      where("rotation is per position: every rank rotates its own heads")))
+    text += [
+        (
+            f"q head {head}, position {T - 1}, pair 0 rotated by {T - 1}·θ_0 = {(T - 1) * float(freqs[0]):.4g} rad "
+            f"(≡ {angle:.4g} mod 2π, read off the model's freqs_cis):"
+        ),
+        f"({b0:.4g}, {b1:.4g}) -> ({a0:.4g}, {a1:.4g}),  length {math.hypot(b0, b1):.4g} -> {math.hypot(a0, a1):.4g}",
+    ]
+    steps.append(
+        Step(
+            5,
+            "RoPE",
+            "(x0 + i·x1) · e^(i·pos·θ_j) for each (even, odd) pair j of q and k",
+            [T, hd // 2],
+            "float32",
+            few(freqs),
+            text,
+            where("rotation is per position: every rank rotates its own heads"),
+        )
+    )
 
     # 6. attention of head H
     sc, pr = detail["scores"], probs[head]
     order = pr[T - 1].argsort(descending=True)[:3].tolist()
     mask = layer_lead["mask"]
     n = min(T, 6)
-    text = [f"scores[{T - 1}, :] = {show(sc[T - 1])}  (the last position sees every key: nothing masked in its row)",
-            f"causal mask: position t sees positions 0..t (first {n} rows, ■ sees, · masked to -inf):"]
+    text = [
+        f"scores[{T - 1}, :] = {show(sc[T - 1])}  (the last position sees every key: nothing masked in its row)",
+        f"causal mask: position t sees positions 0..t (first {n} rows, ■ sees, · masked to -inf):",
+    ]
     text += ["    " + " ".join("■" if mask[t, s] else "·" for s in range(n)) for t in range(n)]
-    text += [f"softmax row {T - 1} = {show(pr[T - 1])}  (sums to {pr[T - 1].sum():.4g})",
-             f"position {T - 1} {pieces[-1]!r} attends most to: "
-             + ", ".join(f"{s} {pieces[s]!r} {pr[T - 1, s]:.3f}" for s in order),
-             f"output y = softmax · v:  y[{T - 1}, head {head}] = {show(detail['y'])}"]
+    text += [
+        f"softmax row {T - 1} = {show(pr[T - 1])}  (sums to {pr[T - 1].sum():.4g})",
+        f"position {T - 1} {pieces[-1]!r} attends most to: "
+        + ", ".join(f"{s} {pieces[s]!r} {pr[T - 1, s]:.3f}" for s in order),
+        f"output y = softmax · v:  y[{T - 1}, head {head}] = {show(detail['y'])}",
+    ]
     owner = next(r["rank"] for r in layer_ranks if r["q_heads"][0] <= head < r["q_heads"][1])
-    steps.append(Step(6, f"attention (layer {layer} head {head}, reads KV head {kv_of[head]})",
-                      f"softmax(q·kᵀ/√{hd} + mask) · v", [T, T], "float32", few(pr[T - 1]), text,
-                      where(f"head {head} lives on rank {owner}" + ("; its values were gathered to rank 0" if owner else ""),
-                            "each rank attends over its own heads with its own KV cache; no communication")))
+    steps.append(
+        Step(
+            6,
+            f"attention (layer {layer} head {head}, reads KV head {kv_of[head]})",
+            f"softmax(q·kᵀ/√{hd} + mask) · v",
+            [T, T],
+            "float32",
+            few(pr[T - 1]),
+            text,
+            where(
+                f"head {head} lives on rank {owner}" + ("; its values were gathered to rank 0" if owner else ""),
+                "each rank attends over its own heads with its own KV cache; no communication",
+            ),
+        )
+    )
 
     # 7. output projection, residual, SwiGLU, residual
     r = lead
@@ -439,68 +551,178 @@ def assemble_steps(ready: Ready, prompt: str, ids: list[int], pieces: list[str],
     ffn = spans(layer_ranks, "ffn", "hidden")
     tp = layer_ranks[0]["tp_ranks"]
     steps += [
-        Step(7, "output projection", "attn = concat(heads)·woᵀ", *td("attn_proj", T, dim), few(r["attn_proj"]),
-             [f"concat(heads) ({T}, {args.n_heads * hd}) -> ({T}, {dim}): attn[{T - 1}] = {show(r['attn_proj'])}"],
-             where(f"wo (row-parallel): {wo}", f"each rank multiplies its heads' part; all-reduce (sum) over tp ranks {tp}")),
-        Step(7, "residual", "h = x + attn", *td("h", T, dim), few(r["h"]),
-             [f"h[{T - 1}] = {show(r['h'])}  ‖h[{T - 1}]‖ = {r['h'].norm():.4g}"]),
-        Step(7, f"RMSNorm (layer {layer} ffn_norm)", "h / rms(h) * w", *td("h_norm", T, dim), few(r["h_norm"]),
-             [f"w[:{FEW}] = {show(layer_lead['norm_w']['ffn_norm'])} -> {show(r['h_norm'])}"]),
-        Step(7, "SwiGLU gate and up", "gate = h·w1ᵀ, up = h·w3ᵀ (one stacked matmul, w13)", *td("gate_up", T, F_),
-             few(r["gate"]), [f"gate[{T - 1}] = {show(r['gate'])}", f"up[{T - 1}] = {show(r['up'])}"],
-             where(f"w13 (column-parallel): {ffn}; no communication")),
-        Step(7, "SwiGLU", "silu(gate) · up,  silu(g) = g · sigmoid(g)", *td("act", T, F_), few(r["act"]),
-             [f"silu(gate) · up [{T - 1}] = {show(r['act'])}  (silu(gate) = {show(F.silu(r['gate']))})"]),
-        Step(7, "down projection", "ffn = (silu(gate) · up)·w2ᵀ", *td("ffn", T, dim), few(r["ffn"]),
-             [f"({T}, {args.hidden_dim}) -> ({T}, {dim}): ffn[{T - 1}] = {show(r['ffn'])}"],
-             where(f"w2 (row-parallel): {ffn}", f"all-reduce (sum) over tp ranks {tp}")),
-        Step(7, "residual", "out = h + ffn", *td("out", T, dim), few(r["out"]),
-             [f"out[{T - 1}] = {show(r['out'])}  ‖out[{T - 1}]‖ = {r['out'].norm():.4g}: the input of "
-              + (f"layer {layer + 1}" if layer + 1 < args.n_layers else "the final norm")]),
+        Step(
+            7,
+            "output projection",
+            "attn = concat(heads)·woᵀ",
+            *td("attn_proj", T, dim),
+            few(r["attn_proj"]),
+            [f"concat(heads) ({T}, {args.n_heads * hd}) -> ({T}, {dim}): attn[{T - 1}] = {show(r['attn_proj'])}"],
+            where(
+                f"wo (row-parallel): {wo}", f"each rank multiplies its heads' part; all-reduce (sum) over tp ranks {tp}"
+            ),
+        ),
+        Step(
+            7,
+            "residual",
+            "h = x + attn",
+            *td("h", T, dim),
+            few(r["h"]),
+            [f"h[{T - 1}] = {show(r['h'])}  ‖h[{T - 1}]‖ = {r['h'].norm():.4g}"],
+        ),
+        Step(
+            7,
+            f"RMSNorm (layer {layer} ffn_norm)",
+            "h / rms(h) * w",
+            *td("h_norm", T, dim),
+            few(r["h_norm"]),
+            [f"w[:{FEW}] = {show(layer_lead['norm_w']['ffn_norm'])} -> {show(r['h_norm'])}"],
+        ),
+        Step(
+            7,
+            "SwiGLU gate and up",
+            "gate = h·w1ᵀ, up = h·w3ᵀ (one stacked matmul, w13)",
+            *td("gate_up", T, F_),
+            few(r["gate"]),
+            [f"gate[{T - 1}] = {show(r['gate'])}", f"up[{T - 1}] = {show(r['up'])}"],
+            where(f"w13 (column-parallel): {ffn}; no communication"),
+        ),
+        Step(
+            7,
+            "SwiGLU",
+            "silu(gate) · up,  silu(g) = g · sigmoid(g)",
+            *td("act", T, F_),
+            few(r["act"]),
+            [f"silu(gate) · up [{T - 1}] = {show(r['act'])}  (silu(gate) = {show(F.silu(r['gate']))})"],
+        ),
+        Step(
+            7,
+            "down projection",
+            "ffn = (silu(gate) · up)·w2ᵀ",
+            *td("ffn", T, dim),
+            few(r["ffn"]),
+            [f"({T}, {args.hidden_dim}) -> ({T}, {dim}): ffn[{T - 1}] = {show(r['ffn'])}"],
+            where(f"w2 (row-parallel): {ffn}", f"all-reduce (sum) over tp ranks {tp}"),
+        ),
+        Step(
+            7,
+            "residual",
+            "out = h + ffn",
+            *td("out", T, dim),
+            few(r["out"]),
+            [
+                f"out[{T - 1}] = {show(r['out'])}  ‖out[{T - 1}]‖ = {r['out'].norm():.4g}: the input of "
+                + (f"layer {layer + 1}" if layer + 1 < args.n_layers else "the final norm")
+            ],
+        ),
     ]
 
     # 8. the other layers, final norm, logits, next token
     stages = sorted({(x["stage"], tuple(x["layers"])) for x in records})
-    text = [f"layer {lid:>3}: ‖x[{T - 1}]‖ = {v.norm():8.4g}   rms = {v.pow(2).mean().sqrt():.4g}"
-            + ("   <- the layer above" if lid == layer else "") for lid, v in sorted(resid.items())]
+    text = [
+        f"layer {lid:>3}: ‖x[{T - 1}]‖ = {v.norm():8.4g}   rms = {v.pow(2).mean().sqrt():.4g}"
+        + ("   <- the layer above" if lid == layer else "")
+        for lid, v in sorted(resid.items())
+    ]
     send = []
     for (s, (_, hi)), (nxt, _) in itertools.pairwise(stages):
-        send.append(f"after layer {hi - 1}: send_forward of the ({T}, {dim}) activations from stage {s} ranks "
-                    f"{on_stage(s)} to stage {nxt} ranks {on_stage(nxt)} (tp-rank r to tp-rank r)")
-    steps.append(Step(8, "layers", f"x = layer_i(x) for i = 0..{args.n_layers - 1}: residual-stream norm at the last token",
-                      [T, dim], dtype, [float(f"{resid[i].norm():.4g}") for i in sorted(resid)][:FEW], text,
-                      where(*[f"stage {s}: layers {span(lo, hi)} on ranks {on_stage(s)}" for s, (lo, hi) in stages],
-                            *send)))
+        send.append(
+            f"after layer {hi - 1}: send_forward of the ({T}, {dim}) activations from stage {s} ranks "
+            f"{on_stage(s)} to stage {nxt} ranks {on_stage(nxt)} (tp-rank r to tp-rank r)"
+        )
+    steps.append(
+        Step(
+            8,
+            "layers",
+            f"x = layer_i(x) for i = 0..{args.n_layers - 1}: residual-stream norm at the last token",
+            [T, dim],
+            dtype,
+            [float(f"{resid[i].norm():.4g}") for i in sorted(resid)][:FEW],
+            text,
+            where(*[f"stage {s}: layers {span(lo, hi)} on ranks {on_stage(s)}" for s, (lo, hi) in stages], *send),
+        )
+    )
     fi, fo = lead["final_in"], lead["final_norm"]
-    steps.append(Step(8, "final norm", "x / rms(x) * w (norm), last position only", *td("final_norm", 1, dim), few(fo),
-                      [f"x[{T - 1}] = {show(fi)} -> {show(fo)}  (w[:{FEW}] = {show(last['norm_w_final'])})"]))
+    steps.append(
+        Step(
+            8,
+            "final norm",
+            "x / rms(x) * w (norm), last position only",
+            *td("final_norm", 1, dim),
+            few(fo),
+            [f"x[{T - 1}] = {show(fi)} -> {show(fo)}  (w[:{FEW}] = {show(last['norm_w_final'])})"],
+        )
+    )
     heads_rows = [x for x in records if "head_rows" in x]
-    steps.append(Step(8, "logits", "logits = norm(x)·outputᵀ" + ("  (output = tok_embeddings, tied)" if args.tie_embeddings else ""),
-                      *td("logits", 1, args.vocab_size), few(last["logits_few"]),
-                      [(f"one score per vocabulary entry ({args.vocab_size}) for the next token: logits[:{FEW}] = "
-                        f"{show(last['logits_few'])}")],
-                      where(f"output head (vocab-parallel): {spans(heads_rows, 'head_rows', 'vocab')}",
-                            f"all-gather over tp ranks {heads_rows[0]['tp_ranks']} into full-vocab logits; "
-                            f"rank {ready.mesh.sampler_rank} samples and broadcasts the token to every rank")))
-    steps.append(Step(8, "next token", "softmax(logits), top 5", [args.vocab_size], "float32",
-                      [float(f"{t.prob:.4g}") for t in top[:TOP]],
-                      [f"{t.id:>7} {t.text!r:<16} {t.prob:.4f}" for t in top[:TOP]]
-                      + [f"greedy next token: {top[0].text!r} (id {top[0].id})"]))
+    steps.append(
+        Step(
+            8,
+            "logits",
+            "logits = norm(x)·outputᵀ" + ("  (output = tok_embeddings, tied)" if args.tie_embeddings else ""),
+            *td("logits", 1, args.vocab_size),
+            few(last["logits_few"]),
+            [
+                (
+                    f"one score per vocabulary entry ({args.vocab_size}) for the next token: logits[:{FEW}] = "
+                    f"{show(last['logits_few'])}"
+                )
+            ],
+            where(
+                f"output head (vocab-parallel): {spans(heads_rows, 'head_rows', 'vocab')}",
+                f"all-gather over tp ranks {heads_rows[0]['tp_ranks']} into full-vocab logits; "
+                f"rank {ready.mesh.sampler_rank} samples and broadcasts the token to every rank",
+            ),
+        )
+    )
+    steps.append(
+        Step(
+            8,
+            "next token",
+            "softmax(logits), top 5",
+            [args.vocab_size],
+            "float32",
+            [float(f"{t.prob:.4g}") for t in top[:TOP]],
+            [f"{t.id:>7} {t.text!r:<16} {t.prob:.4f}" for t in top[:TOP]]
+            + [f"greedy next token: {top[0].text!r} (id {top[0].id})"],
+        )
+    )
 
-    title = (f"{Path(str(ready.ckpt.path)).name}: {args.n_layers} layers, dim {dim}, {args.n_heads} query heads / "
-             f"{args.n_kv_heads} KV heads x {hd}, FFN {args.hidden_dim}, vocab {args.vocab_size}; {dtype}; "
-             + (f"tensor={cfg.parallel.tensor} x pipeline={cfg.parallel.pipeline} ({len(records)} ranks)" if many else "1 rank"))
-    checks = {"attend_equals_wo_input": all(f["attend_equals_wo_input"] for f in at_layer),
-              "softmax_v_max_diff": max(f["softmax_v_max_diff"] for f in at_layer),
-              "k_rot_equals_cache": all(f["k_rot_equals_cache"] for f in at_layer)}
+    title = (
+        f"{Path(str(ready.ckpt.path)).name}: {args.n_layers} layers, dim {dim}, {args.n_heads} query heads / "
+        f"{args.n_kv_heads} KV heads x {hd}, FFN {args.hidden_dim}, vocab {args.vocab_size}; {dtype}; "
+        + (
+            f"tensor={cfg.parallel.tensor} x pipeline={cfg.parallel.pipeline} ({len(records)} ranks)"
+            if many
+            else "1 rank"
+        )
+    )
+    checks = {
+        "attend_equals_wo_input": all(f["attend_equals_wo_input"] for f in at_layer),
+        "softmax_v_max_diff": max(f["softmax_v_max_diff"] for f in at_layer),
+        "k_rot_equals_cache": all(f["k_rot_equals_cache"] for f in at_layer),
+    }
     attention = torch.stack([probs[h] for h in range(args.n_heads)])
-    return Explanation(title, prompt, layer, head, pieces, steps, top[:TOP], top, attention,
-                       [kv_of[h] for h in range(args.n_heads)], freqs, base, scaling,
-                       rope_frequencies(dataclasses.replace(args, rope_scaling=RopeScaling(8.0), rope_freq_factors=None)),
-                       checks)
+    return Explanation(
+        title,
+        prompt,
+        layer,
+        head,
+        pieces,
+        steps,
+        top[:TOP],
+        top,
+        attention,
+        [kv_of[h] for h in range(args.n_heads)],
+        freqs,
+        base,
+        scaling,
+        rope_frequencies(dataclasses.replace(args, rope_scaling=RopeScaling(8.0), rope_freq_factors=None)),
+        checks,
+    )
 
 
 # ---------------------------------------------------------------- renderings (cli.py prints them)
+
 
 def format_text(exp: Explanation) -> str:
     """The numbered walkthrough as plain text."""
@@ -514,17 +736,29 @@ def format_text(exp: Explanation) -> str:
         out += [f"     {line}" for line in s.text]
         out += [f"     [layout] {line}" for line in s.where]
     c = exp.checks
-    out += ["", (f"checks: attend() on the hooked q/k/v equals the hooked input of wo: {c['attend_equals_wo_input']}; "
-                 f"rotated k equals the KV cache: {c['k_rot_equals_cache']}; "
-                 f"|softmax(scores)·v - model| <= {c['softmax_v_max_diff']:.2g}")]
+    out += [
+        "",
+        (
+            f"checks: attend() on the hooked q/k/v equals the hooked input of wo: {c['attend_equals_wo_input']}; "
+            f"rotated k equals the KV cache: {c['k_rot_equals_cache']}; "
+            f"|softmax(scores)·v - model| <= {c['softmax_v_max_diff']:.2g}"
+        ),
+    ]
     return "\n".join(out)
 
 
 def as_json(exp: Explanation) -> dict:
     """The walkthrough as one JSON-ready object: steps and the top next tokens."""
-    return {"prompt": exp.prompt, "title": exp.title, "layer": exp.layer, "head": exp.head,
-            "tokens": exp.pieces, "steps": [dataclasses.asdict(s) for s in exp.steps],
-            "next_tokens": [dataclasses.asdict(t) for t in exp.next_tokens], "checks": exp.checks}
+    return {
+        "prompt": exp.prompt,
+        "title": exp.title,
+        "layer": exp.layer,
+        "head": exp.head,
+        "tokens": exp.pieces,
+        "steps": [dataclasses.asdict(s) for s in exp.steps],
+        "next_tokens": [dataclasses.asdict(t) for t in exp.next_tokens],
+        "checks": exp.checks,
+    }
 
 
 def prepare_out(directory: str | Path) -> Path:
@@ -601,13 +835,18 @@ def write_html(exp: Explanation, directory: str | Path) -> Path:
     """index.html (figures embedded as data URIs, so it stands alone) and the PNGs beside it; returns its path."""
     out = prepare_out(directory)
     images = figures(exp)
-    parts = ["<!doctype html><meta charset='utf-8'><title>llama3-dist explain</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{font-size:12px}</style>",
-             "<h1>One forward pass, tensor by tensor</h1>", f"<pre>{html.escape(format_text(exp))}</pre>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>llama3-dist explain</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{font-size:12px}</style>",
+        "<h1>One forward pass, tensor by tensor</h1>",
+        f"<pre>{html.escape(format_text(exp))}</pre>",
+    ]
     for name, data in images.items():
         (out / name).write_bytes(data)
-        parts.append(f"<h2>{name.removesuffix('.png').replace('_', ' ')}</h2>"
-                     f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+        parts.append(
+            f"<h2>{name.removesuffix('.png').replace('_', ' ')}</h2>"
+            f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+        )
     index = out / "index.html"
     index.write_text("\n".join(parts), encoding="utf-8")
     return index

@@ -19,6 +19,7 @@ runs the layers of every decode step (T = 1) in place of `model.run_layers`; pre
   Compiling comes before running, and a decode step run again rewrites the same keys and values,
   so the failed step is simply run again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,6 +56,7 @@ class DecodeStep:
             for i, layer in enumerate(self.model.layers.values()):
                 x = block(layer, x, pos, freqs_cis, mask, cache.layer(i))
             return x
+
         return run
 
     def _layers(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, cache: KVCache) -> Tensor:

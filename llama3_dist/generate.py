@@ -5,11 +5,12 @@ then decodes at its own position, so a row gives the tokens it would give alone.
 (tp-rank 0 of the last stage) and broadcasts, so every rank feeds the same tokens next step and
 takes the same decision to stop.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -40,8 +41,10 @@ def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: in
     if not prompts:
         raise GenerationError("no prompt given: pass --prompt TEXT (repeatable)")
     if len(prompts) > max_batch_size:
-        raise GenerationError(f"{len(prompts)} prompts exceed runtime.max_batch_size={max_batch_size}; "
-                              f"raise it with --set runtime.max_batch_size={len(prompts)}")
+        raise GenerationError(
+            f"{len(prompts)} prompts exceed runtime.max_batch_size={max_batch_size}; "
+            f"raise it with --set runtime.max_batch_size={len(prompts)}"
+        )
     for i, p in enumerate(prompts):
         if not p:
             raise GenerationError(f"prompt {i} is empty: give some text")
@@ -49,7 +52,8 @@ def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: in
             raise GenerationError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
                 f"runtime.max_seq_len={max_seq_len}; shorten it, lower --max-new-tokens or "
-                f"--set runtime.max_seq_len={len(p) + max_new_tokens}")
+                f"--set runtime.max_seq_len={len(p) + max_new_tokens}"
+            )
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
@@ -92,15 +96,20 @@ class Sampler:
 def warm_up(model: Transformer, mesh: Mesh, batch: int, seq_len: int, microbatches: int = 1) -> None:
     """A tiny generation on caches of the final size, so compiling stays out of the timed run."""
     model.setup_caches(batch, seq_len)
-    generate(model, mesh, [[0, 1]] * batch, SamplingParams(3, temperature=0.0), frozenset(),
-             microbatches=microbatches)
+    generate(model, mesh, [[0, 1]] * batch, SamplingParams(3, temperature=0.0), frozenset(), microbatches=microbatches)
 
 
 @torch.inference_mode()
-def generate(model: Transformer, mesh: Mesh, prompts: list[list[int]], params: SamplingParams,
-             stop_ids: frozenset[int], on_token: Callable[[int, int], None] | None = None,
-             microbatches: int = 1, stop_check: Callable[[list[int]], int | None] | None = None
-             ) -> list[Completion]:
+def generate(
+    model: Transformer,
+    mesh: Mesh,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    stop_ids: frozenset[int],
+    on_token: Callable[[int, int], None] | None = None,
+    microbatches: int = 1,
+    stop_check: Callable[[list[int]], int | None] | None = None,
+) -> list[Completion]:
     """Complete every prompt; on_token(row, token_id) is called as each kept token is produced.
 
     A row ends at a token of stop_ids, or when stop_check(its tokens) returns how many of them to

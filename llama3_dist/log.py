@@ -1,4 +1,5 @@
 """Diagnostics to stderr through `logging`: rank 0 logs INFO, other ranks only warnings (all INFO if verbose)."""
+
 from __future__ import annotations
 
 import logging

@@ -4,11 +4,12 @@ Parallelism enters only through the layer classes (ColumnParallelLinear & co.) a
 with a one-rank mesh they are plain dense layers. Parameter names are Meta's. Speed lives beside
 the model: fast_decode.py through the `decode_step` hook, CPU kernels through @kernels.fusable.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,14 @@ from torch import Tensor, nn
 from . import kernels
 from .args import ModelArgs
 from .parallel.comm import Group
-from .parallel.layers import (MergedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                              VocabParallelHead, feature_split, head_spans)
+from .parallel.layers import (
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+    feature_split,
+    head_spans,
+)
 from .parallel.mesh import Mesh
 
 
@@ -37,7 +44,8 @@ def rope_frequencies(args: ModelArgs) -> Tensor:
     wavelen = 2 * math.pi / freqs
     scaled = torch.where(wavelen > low_wavelen, freqs / s.factor, freqs)
     smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
+        s.high_freq_factor - s.low_freq_factor
+    )
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(in_band, blended, scaled)
@@ -111,8 +119,16 @@ class KVCache:
     v: Tensor
 
     @classmethod
-    def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> "KVCache":
+    def allocate(
+        cls,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> KVCache:
         shape = (n_layers, batch, n_kv_heads, seq_len, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
@@ -124,10 +140,10 @@ class KVCache:
     def seq_len(self) -> int:
         return self.k.shape[3]
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         return KVCache(self.k[:, start:stop], self.v[:, start:stop])
 
-    def layer(self, i: int) -> "LayerCache":
+    def layer(self, i: int) -> LayerCache:
         return LayerCache(self.k[i], self.v[i])
 
 
@@ -155,11 +171,15 @@ class Attention(nn.Module):
         hd = args.hd
         self.head_dim, self.n_local_heads, self.n_local_kv_heads = hd, q1 - q0, kv1 - kv0
         # wq, wk, wv stacked: this rank's query heads and the KV heads they read, in one matmul
-        self.wqkv = MergedColumnParallelLinear(args.dim, [
-            ("wq", args.n_heads * hd, (q0 * hd, q1 * hd)),
-            ("wk", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
-            ("wv", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
-        ], group)
+        self.wqkv = MergedColumnParallelLinear(
+            args.dim,
+            [
+                ("wq", args.n_heads * hd, (q0 * hd, q1 * hd)),
+                ("wk", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
+                ("wv", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
+            ],
+            group,
+        )
         self.wo = RowParallelLinear(args.n_heads * hd, args.dim, group, (q0 * hd, q1 * hd))
 
     def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, cache: LayerCache) -> Tensor:
@@ -238,8 +258,9 @@ class Transformer(nn.Module):
         c = self.cache
         if c is None or c.batch < batch or c.seq_len < seq_len or c.k.dtype != self.dtype:
             attn = next(iter(self.layers.values())).attention
-            self.cache = KVCache.allocate(len(self.layers), batch, attn.n_local_kv_heads, seq_len, attn.head_dim,
-                                          self.dtype, self.device)
+            self.cache = KVCache.allocate(
+                len(self.layers), batch, attn.n_local_kv_heads, seq_len, attn.head_dim, self.dtype, self.device
+            )
         if self.freqs_cis is None or self.freqs_cis.shape[0] < seq_len:
             self.freqs_cis = precompute_freqs_cis(self.args, seq_len).to(self.device)
 

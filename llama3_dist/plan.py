@@ -1,4 +1,5 @@
 """Memory plan per rank, from the real modules built on the meta device with the real sharding."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -48,8 +49,9 @@ def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int, sco
     return tokens * widest * elem + attention + logits
 
 
-def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None,
-         ckpt: Checkpoint | None = None) -> list[RankPlan]:
+def plan(
+    cfg: Config, args: ModelArgs, device_memory: int | None = None, ckpt: Checkpoint | None = None
+) -> list[RankPlan]:
     """One RankPlan per global rank for this config's layout, batch and sequence length.
 
     Weights count in the format runtime.weights holds them in: a GGUF's blocks (`ckpt`), int8 / int4
@@ -69,8 +71,19 @@ def plan(cfg: Config, args: ModelArgs, device_memory: int | None = None,
         micro = -(-r.max_batch_size // cfg.parallel.microbatches)
         work = workspace_bytes(model, micro, r.max_seq_len, r.torch_dtype.itemsize, r.device == "cpu")
         total = params + kv + work
-        rows.append(RankPlan(rank, mesh.stage, mesh.tp.rank, f"{layers.start}-{layers.stop - 1}", params, kv,
-                             work, total, None if device_memory is None else total <= device_memory))
+        rows.append(
+            RankPlan(
+                rank,
+                mesh.stage,
+                mesh.tp.rank,
+                f"{layers.start}-{layers.stop - 1}",
+                params,
+                kv,
+                work,
+                total,
+                None if device_memory is None else total <= device_memory,
+            )
+        )
     return rows
 
 
@@ -81,11 +94,21 @@ def weight_bytes(p: torch.Tensor, qtype: str | None) -> int:
 
 def parse_bytes(text: str) -> int:
     """'80GiB', '24GB', '512MiB', '1e9' -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "tb": 10**12, "b": 1, "": 1}
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "b": 1,
+        "": 1,
+    }
     t = text.strip().lower()
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if unit not in units or not num:
         raise ValueError(f"cannot read a size from {text!r}; use e.g. 80GiB or 24GB")
     return int(float(num) * units[unit])
@@ -98,9 +121,20 @@ def gib(n: int) -> str:
 def table(rows: list[RankPlan]) -> str:
     """A fixed-width table, one line per rank, sizes in GiB."""
     head = ["rank", "stage", "tp", "layers", "params GiB", "kv GiB", "workspace GiB", "total GiB", "fits"]
-    body = [[str(x.rank), str(x.stage), str(x.tp_rank), x.layers, gib(x.param_bytes), gib(x.kv_cache_bytes),
-             gib(x.workspace_bytes), gib(x.total_bytes), {None: "-", True: "yes", False: "NO"}[x.fits]]
-            for x in rows]
+    body = [
+        [
+            str(x.rank),
+            str(x.stage),
+            str(x.tp_rank),
+            x.layers,
+            gib(x.param_bytes),
+            gib(x.kv_cache_bytes),
+            gib(x.workspace_bytes),
+            gib(x.total_bytes),
+            {None: "-", True: "yes", False: "NO"}[x.fits],
+        ]
+        for x in rows
+    ]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *body])
 

@@ -6,6 +6,7 @@
 On CUDA the table is by GPU kernel time (CUDA graphs are left off, so each kernel is seen); the
 step time with graphs on is printed beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,15 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = open_bench_checkpoint(args.checkpoint or str(default_checkpoint()), args.device)
-    cfg = load_config(None, [f"runtime.device={args.device}", f"runtime.dtype={args.dtype}",
-                             f"runtime.compile={str(args.compile).lower()}", "runtime.cuda_graphs=false"])
+    cfg = load_config(
+        None,
+        [
+            f"runtime.device={args.device}",
+            f"runtime.dtype={args.dtype}",
+            f"runtime.compile={str(args.compile).lower()}",
+            "runtime.cuda_graphs=false",
+        ],
+    )
     model = assemble(cfg, ckpt, tokenizer=False).model
     model.setup_caches(1, args.context + 1)
     ids = torch.tensor(prompt_ids(ckpt.args.vocab_size, 1, args.context), device=args.device)

@@ -8,6 +8,7 @@
 `speed` runs each (weights, dtype) in a fresh process (so peak RSS is its own), interleaved over
 rounds, and keeps each one's best round: the machine may be shared, so compare the ratios of one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,26 +38,55 @@ RUNS = [("auto", "float32"), ("float", "float32"), ("float", "bfloat16"), ("auto
 
 
 def one(checkpoint: str, weights: str, dtype: str, tokens: int, threads: int) -> dict:
-    cfg = load_config(None, [f"model.checkpoint={checkpoint}", f"runtime.weights={weights}",
-                             f"runtime.dtype={dtype}", f"runtime.threads={threads}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.checkpoint={checkpoint}",
+            f"runtime.weights={weights}",
+            f"runtime.dtype={dtype}",
+            f"runtime.threads={threads}",
+        ],
+    )
     ready = assemble(cfg)
     ids = ready.tokenizer.encode("The history of the Roman Empire")
     params = SamplingParams(tokens, temperature=0.0)
     generate(ready.model, ready.mesh, [ids], SamplingParams(4, temperature=0.0), frozenset())  # warm
     done = generate(ready.model, ready.mesh, [ids], params, frozenset())[0]
     held = sum(p.numel() * p.element_size() for p in ready.model.parameters())
-    return {"weights": weights, "dtype": dtype, "tok_s": done.decode_tokens_per_s, "peak_rss": peak_rss_bytes(),
-            "weight_bytes": held, "tokens": done.tokens}
+    return {
+        "weights": weights,
+        "dtype": dtype,
+        "tok_s": done.decode_tokens_per_s,
+        "peak_rss": peak_rss_bytes(),
+        "weight_bytes": held,
+        "tokens": done.tokens,
+    }
 
 
 def speed(args) -> None:
     best: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):
         for weights, dtype in RUNS:
-            out = subprocess.run([sys.executable, __file__, "one", "--checkpoint", args.checkpoint, "--weights", weights,
-                                  "--dtype", dtype, "--tokens", str(args.tokens), "--threads", str(args.threads)],
-                                 capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "one",
+                    "--checkpoint",
+                    args.checkpoint,
+                    "--weights",
+                    weights,
+                    "--dtype",
+                    dtype,
+                    "--tokens",
+                    str(args.tokens),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             key = (weights, dtype)
             if key not in best or r["tok_s"] > best[key]["tok_s"]:
@@ -65,8 +95,10 @@ def speed(args) -> None:
     print("| runtime.weights | runtime.dtype | weights MiB | decode tok/s | vs float bf16 | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     for (weights, dtype), r in best.items():
-        print(f"| {weights} | {dtype} | {r['weight_bytes'] / 2**20:.0f} | {r['tok_s']:.1f} | "
-              f"{r['tok_s'] / base:.2f}x | {r['peak_rss'] / 2**20:.0f} |")
+        print(
+            f"| {weights} | {dtype} | {r['weight_bytes'] / 2**20:.0f} | {r['tok_s']:.1f} | "
+            f"{r['tok_s'] / base:.2f}x | {r['peak_rss'] / 2**20:.0f} |"
+        )
     same = best[("auto", "float32")]["tokens"] == best[("float", "float32")]["tokens"]
     print(f"auto and float greedy tokens identical (fp32): {same}")
 
@@ -129,40 +161,68 @@ def logits_of(model, ids: list[int]) -> torch.Tensor:
 def fidelity(args) -> None:
     smol = open_checkpoint(default_checkpoint())
     ids = text_ids(smol.tokenizer(), args.tokens)
-    llama = RandomCheckpoint(ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=49152,
-                                       hidden_dim=1536), seed=3, name="llama-shaped")
+    llama = RandomCheckpoint(
+        ModelArgs(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=49152, hidden_dim=1536),
+        seed=3,
+        name="llama-shaped",
+    )
     print(f"{len(ids)} tokens of README.md + llama3_dist/**/*.py (SmolLM2 tokenizer)")
     print("| checkpoint | runtime.weights | perplexity | change | max abs logit error |")
     print("|---|---|---|---|---|")
-    for label, ckpt, runs in (("SmolLM2 Q4_1 GGUF", smol, ("auto",)),
-                              ("SmolLM2 dequantized (float view)", FloatView(smol), ("int8", "int4")),
-                              ("Llama-shaped random (dim 512, 4 layers)", llama, ("int8", "int4"))):
+    for label, ckpt, runs in (
+        ("SmolLM2 Q4_1 GGUF", smol, ("auto",)),
+        ("SmolLM2 dequantized (float view)", FloatView(smol), ("int8", "int4")),
+        ("Llama-shaped random (dim 512, 4 layers)", llama, ("int8", "int4")),
+    ):
         base_logits = logits_of(load_model(ckpt, Mesh.single(), torch.float32, weights="float"), ids)
         base = math.exp(F.cross_entropy(base_logits[:-1], torch.tensor(ids[1:])).item())
         print(f"| {label} | float | {base:.3f} | | |")
         for weights in runs:
             lg = logits_of(load_model(ckpt, Mesh.single(), torch.float32, weights=weights), ids)
             ppl = math.exp(F.cross_entropy(lg[:-1], torch.tensor(ids[1:])).item())
-            print(f"| {label} | {weights} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | "
-                  f"{(lg - base_logits).abs().max().item():.2e} |")
+            print(
+                f"| {label} | {weights} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | "
+                f"{(lg - base_logits).abs().max().item():.2e} |"
+            )
 
 
 def big(args) -> None:
     """A Llama-3-8B-shaped random checkpoint (all 32 layers) with runtime.weights=int4 at TP=WORLD_SIZE
     (run under torchrun for TP > 1): decode tok/s and peak RSS per rank."""
     import os
+
     world = int(os.environ.get("WORLD_SIZE", 1))
-    cfg = load_config(None, [f"parallel.tensor={world}", f"runtime.weights={args.weights}", "runtime.dtype=bfloat16",
-                             "runtime.max_seq_len=64", "runtime.max_batch_size=1"])
+    cfg = load_config(
+        None,
+        [
+            f"parallel.tensor={world}",
+            f"runtime.weights={args.weights}",
+            "runtime.dtype=bfloat16",
+            "runtime.max_seq_len=64",
+            "runtime.max_batch_size=1",
+        ],
+    )
     t0 = time.perf_counter()
     ready = assemble(cfg, RandomCheckpoint.preset("llama3-8b"), tokenizer=False)
     loaded = time.perf_counter() - t0
-    done = generate(ready.model, ready.mesh, [[128000, 791, 6864, 315]], SamplingParams(args.tokens, temperature=0.0),
-                    frozenset())[0]
+    done = generate(
+        ready.model, ready.mesh, [[128000, 791, 6864, 315]], SamplingParams(args.tokens, temperature=0.0), frozenset()
+    )[0]
     held = sum(p.numel() * p.element_size() for p in ready.model.parameters())
-    print(json.dumps({"rank": ready.mesh.rank, "tp": world, "weights": args.weights, "load_s": round(loaded, 1),
-                      "weight_gib": round(held / 2**30, 2), "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2),
-                      "decode_tok_s": round(done.decode_tokens_per_s, 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "rank": ready.mesh.rank,
+                "tp": world,
+                "weights": args.weights,
+                "load_s": round(loaded, 1),
+                "weight_gib": round(held / 2**30, 2),
+                "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2),
+                "decode_tok_s": round(done.decode_tokens_per_s, 3),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -4,6 +4,7 @@
 Example: Llama 3 8B widths (dim 4096, 32/8 heads, FFN 14336, vocab 128256), 2 layers, 2 shards:
     python scripts/random_checkpoint.py --preset llama3-8b --layers 2 --mp 2 /tmp/llama3-8b-2l
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def main() -> int:
             return 2
         params["n_layers"] = args.layers
     try:
-        path = write_random_meta(args.out, params, args.mp, args.seed, getattr(torch, args.dtype),
-                                 tied=args.preset in TIED)
+        path = write_random_meta(
+            args.out, params, args.mp, args.seed, getattr(torch, args.dtype), tied=args.preset in TIED
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

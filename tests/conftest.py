@@ -2,6 +2,7 @@
 
 The `gpu` marker (tests/gpu) is deselected by default (pyproject addopts); `pytest -m gpu tests/gpu` selects it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

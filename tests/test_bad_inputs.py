@@ -1,5 +1,6 @@
 """Every bad input is one `error:` line on stderr and exit code 2, within seconds; the README's
 bad-input table is run row by row, so it stays true. Tiny valid values (temperature 1e-5) work."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,9 @@ BASE = "generate --checkpoint {ckpt} --prompt hi --max-new-tokens 2"
 def readme_rows() -> list[tuple[str, str, str, int]]:
     """(bad input, arguments, message, exit code) of each row of the README's bad-input table."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Reliability"):]
+    section = text[text.index("## Reliability") :]
     section = section[: section.index("\n## ", 1)]
-    table = section[section.index("| Bad input |"):].split("\n\n")[0]
+    table = section[section.index("| Bad input |") :].split("\n\n")[0]
     rows = []
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -58,8 +59,9 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     (missing_shard / "model-00002-of-00002.safetensors").unlink()
     raw = Path(ckpt).read_bytes()
     (tmp / "truncated.gguf").write_bytes(raw[: len(raw) // 3])
-    (tmp / "random.gguf").write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                                    dtype=torch.uint8).numpy().tobytes())
+    (tmp / "random.gguf").write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
     (tmp / "no-checkpoint").mkdir()
     (tmp / "no-checkpoint" / "notes.txt").write_text("not weights\n")
     two = shutil.copytree(hf, tmp / "two-formats")
@@ -68,8 +70,17 @@ def inputs(tmp_path_factory) -> dict[str, str]:
     (tmp / "text-file").write_text("hello, I am not a tokenizer\n")
     (tmp / "list.yaml").write_text("- model\n- parallel\n")
     (tmp / "broken.yaml").write_text("model: [unclosed\n")
-    names = ["corrupt-header", "missing-shard", "truncated.gguf", "random.gguf", "no-checkpoint", "two-formats",
-             "text-file", "list.yaml", "broken.yaml"]
+    names = [
+        "corrupt-header",
+        "missing-shard",
+        "truncated.gguf",
+        "random.gguf",
+        "no-checkpoint",
+        "two-formats",
+        "text-file",
+        "list.yaml",
+        "broken.yaml",
+    ]
     return {"ckpt": str(ckpt), "missing": str(tmp / "does-not-exist"), **{n: str(tmp / n) for n in names}}
 
 
@@ -103,10 +114,25 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_the_readme_table_has_every_bad_input_of_the_issue():
     args = " ".join(a for _, a, _, _ in ROWS)
-    for needed in ["--set generate.stop=[unclosed", "--temperature nan", "runtime.timeout_s=inf", "--top-p 0",
-                   "--top-p 1.5", "--top-k -1", "--max-new-tokens 0", "--temperature -", "{corrupt-header}",
-                   "{missing-shard}", "{truncated.gguf}", "{random.gguf}", "{no-checkpoint}", "{missing}",
-                   "--tokenizer {text-file}", "--config {list.yaml}", "{two-formats}"]:
+    for needed in [
+        "--set generate.stop=[unclosed",
+        "--temperature nan",
+        "runtime.timeout_s=inf",
+        "--top-p 0",
+        "--top-p 1.5",
+        "--top-k -1",
+        "--max-new-tokens 0",
+        "--temperature -",
+        "{corrupt-header}",
+        "{missing-shard}",
+        "{truncated.gguf}",
+        "{random.gguf}",
+        "{no-checkpoint}",
+        "{missing}",
+        "--tokenizer {text-file}",
+        "--config {list.yaml}",
+        "{two-formats}",
+    ]:
         assert needed in args, needed
 
 
@@ -124,8 +150,14 @@ def test_each_bad_input_is_one_line_and_exit_2(inputs, capsys, what, args, messa
 def test_a_real_process_prints_one_line_and_exits_2(inputs, args):
     cmd = [sys.executable, "-m", "llama3_dist", *shlex.split(fill(BASE, inputs)), *shlex.split(fill(args, inputs))]
     start = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     print(f"\n{args}: exit {r.returncode} after {time.monotonic() - start:.1f} s")
     assert r.returncode == 2 and r.stdout == ""
     lines = [x for x in r.stderr.splitlines() if x.strip()]
@@ -150,10 +182,14 @@ def test_exponent_floats_are_numbers():
 
 
 def test_sampling_ranges_are_checked_with_the_key():
-    for params, key in [(SamplingParams(top_p=0.0), "top_p"), (SamplingParams(top_p=1.01), "top_p"),
-                        (SamplingParams(top_k=-1), "top_k"), (SamplingParams(max_new_tokens=0), "max_new_tokens"),
-                        (SamplingParams(temperature=-1e-9), "temperature"),
-                        (SamplingParams(temperature=float("nan")), "temperature")]:
+    for params, key in [
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_p=1.01), "top_p"),
+        (SamplingParams(top_k=-1), "top_k"),
+        (SamplingParams(max_new_tokens=0), "max_new_tokens"),
+        (SamplingParams(temperature=-1e-9), "temperature"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+    ]:
         with pytest.raises(ConfigError, match=rf"^request\.{key}: must be"):
             params.check("request.")
     SamplingParams(temperature=1e-5, top_p=1.0, top_k=0, max_new_tokens=1).check()  # edges that are fine
@@ -173,8 +209,10 @@ def test_a_tiny_temperature_samples_the_top_token_without_nan(temperature, dtype
 def test_temperature_1e5_on_the_cli_gives_the_greedy_tokens(inputs, capsys):
     runs = {}
     for t in ("0", "1e-5"):
-        code, out, err = run_cli(shlex.split(fill(BASE, inputs)) + ["--max-new-tokens", "12", "--temperature", t,
-                                                                   "--seed", "3", "--json"], capsys)
+        code, out, err = run_cli(
+            shlex.split(fill(BASE, inputs)) + ["--max-new-tokens", "12", "--temperature", t, "--seed", "3", "--json"],
+            capsys,
+        )
         assert code == 0, err
         runs[t] = json.loads(out)["tokens"]
     assert len(runs["0"]) == 12 and runs["1e-5"] == runs["0"]

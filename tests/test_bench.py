@@ -1,4 +1,5 @@
 """`bench` runs end to end (a smoke run: no timing is asserted) and refuses CUDA without a GPU in one line."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,9 @@ from llama3_dist.cli import main
 
 
 def test_bench_smoke_run_ours_and_transformers_agree():
-    args = argparse.Namespace(quick=True, threads=2, prompt_len=16, new_tokens=4, timeout=600, work_dir=None,
-                              eager=True)
+    args = argparse.Namespace(
+        quick=True, threads=2, prompt_len=16, new_tokens=4, timeout=600, work_dir=None, eager=True
+    )
     [row] = run_bench(args)
     assert row["setting"] == "SmolLM2 fp32 b1" and row["bandwidth_gb_s"] > 0
     ours, hf = row["engines"]["ours"], row["engines"]["transformers"]

@@ -10,8 +10,6 @@ import gguf
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaForCausalLM
-
 from helpers.checkpoints import (
     LLAMA3_ROPE_SCALING,
     dequantized_reference,
@@ -27,6 +25,7 @@ from helpers.checkpoints import (
 )
 from helpers.parity import our_logits, our_model, prompts
 from helpers.tiny import FORMATS
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llama3_dist.checkpoint import load_model, meta_state, open_checkpoint
 from llama3_dist.parallel.mesh import Mesh
@@ -101,9 +100,11 @@ def _meta_forward(w: dict, params: dict, tokens: torch.Tensor) -> torch.Tensor:
         y = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(B, T, -1)  # (B, T, dim)
         h = h + y @ w[p + "attention.wo.weight"].T
         x = _rms_norm(h, w[p + "ffn_norm.weight"], eps)
-        h = h + (F.silu(x @ w[p + "feed_forward.w1.weight"].T) * (x @ w[p + "feed_forward.w3.weight"].T)) @ w[
-            p + "feed_forward.w2.weight"
-        ].T
+        h = (
+            h
+            + (F.silu(x @ w[p + "feed_forward.w1.weight"].T) * (x @ w[p + "feed_forward.w3.weight"].T))
+            @ w[p + "feed_forward.w2.weight"].T
+        )
     h = _rms_norm(h, w["norm.weight"], eps)
     return h @ w.get("output.weight", w["tok_embeddings.weight"]).T
 
@@ -178,8 +179,9 @@ def test_hf_round_trip_gives_identical_logits(tmp_path, name, shards):
 def test_meta_forward_matches_hf(tmp_path, name):
     model = random_model(tiny_config(**CONFIGS[name]), seed=2)
     weights, params = _load_meta(write_meta(model, tmp_path))
-    assert _meta_ffn_reference(params["dim"], params["multiple_of"], params["ffn_dim_multiplier"]) == (
-        weights["layers.0.feed_forward.w1.weight"].shape[0]
+    assert (
+        _meta_ffn_reference(params["dim"], params["multiple_of"], params["ffn_dim_multiplier"])
+        == (weights["layers.0.feed_forward.w1.weight"].shape[0])
     )
     assert ("output.weight" in weights) == (not model.config.tie_word_embeddings)
     tokens = _tokens(model.config.vocab_size)
@@ -363,24 +365,29 @@ def test_quantized_gguf_loads_the_dequantized_weights(tiny, qtype):
 
 
 def test_random_checkpoint_is_the_same_model_at_every_layout():
-    from llama3_dist.checkpoint.synthetic import RandomCheckpoint
     from llama3_dist.args import ModelArgs
+    from llama3_dist.checkpoint.synthetic import RandomCheckpoint
     from llama3_dist.parallel.comm import Group
     from llama3_dist.parallel.layers import feature_split
+
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
     ckpt = RandomCheckpoint(args, seed=1)
     assert ckpt.read("layers.1.feed_forward.w2.weight").shape == (64, 160)
-    assert torch.equal(ckpt.read("layers.1.feed_forward.w2.weight", 1, 80, 160),
-                       ckpt.read("layers.1.feed_forward.w2.weight")[:, 80:])
-    assert not torch.equal(ckpt.read("layers.1.attention.wq.weight"), RandomCheckpoint(args, seed=2).read(
-        "layers.1.attention.wq.weight"))
+    assert torch.equal(
+        ckpt.read("layers.1.feed_forward.w2.weight", 1, 80, 160), ckpt.read("layers.1.feed_forward.w2.weight")[:, 80:]
+    )
+    assert not torch.equal(
+        ckpt.read("layers.1.attention.wq.weight"), RandomCheckpoint(args, seed=2).read("layers.1.attention.wq.weight")
+    )
     full = load_model(ckpt, Mesh.single(), torch.float32)
     for rank in range(2):  # each tensor-parallel rank holds its rows of the one model
         tp = Group(rank, 2, (0, 1))
         part = load_model(ckpt, Mesh(rank, 2, tp, Group.single(rank), torch.device("cpu")), torch.float32)
-        q = full.layers["0"].attention.wqkv.weight[rank * 32:(rank + 1) * 32]
+        q = full.layers["0"].attention.wqkv.weight[rank * 32 : (rank + 1) * 32]
         assert torch.equal(part.layers["0"].attention.wqkv.weight[:32], q)
         start, stop = feature_split(160, tp)  # whole 32-feature blocks: 96 | 64
-        assert torch.equal(part.layers["1"].feed_forward.w2.weight, full.layers["1"].feed_forward.w2.weight[:, start:stop])
+        assert torch.equal(
+            part.layers["1"].feed_forward.w2.weight, full.layers["1"].feed_forward.w2.weight[:, start:stop]
+        )
     with pytest.raises(Exception, match="no tokenizer"):
         ckpt.tokenizer()

@@ -1,4 +1,5 @@
 """The CLI contract: --json shape, the embedded default, and one clear stderr line for every bad input."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ JSON_KEYS = {"prompt", "prompt_tokens", "tokens", "text", "finish_reason", "pref
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "llama3_dist", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "llama3_dist", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_embedded_default_knows_the_capital_of_france():
@@ -33,8 +40,20 @@ def test_embedded_default_knows_the_capital_of_france():
 
 
 def test_json_is_one_object_per_prompt_and_nothing_else(tiny_gguf):
-    r = cli("generate", "--checkpoint", str(tiny_gguf), "--prompt", "hello", "--prompt", "a longer prompt",
-            "--max-new-tokens", "5", "--temperature", "0", "--json")
+    r = cli(
+        "generate",
+        "--checkpoint",
+        str(tiny_gguf),
+        "--prompt",
+        "hello",
+        "--prompt",
+        "a longer prompt",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2
@@ -49,8 +68,20 @@ def test_json_is_one_object_per_prompt_and_nothing_else(tiny_gguf):
 
 
 def test_seeded_sampling_is_reproducible_from_the_cli(tiny_gguf, capsys):
-    args = ["generate", "--checkpoint", str(tiny_gguf), "--prompt", "abc", "--max-new-tokens", "12",
-            "--temperature", "1.0", "--top-k", "40", "--json"]
+    args = [
+        "generate",
+        "--checkpoint",
+        str(tiny_gguf),
+        "--prompt",
+        "abc",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "40",
+        "--json",
+    ]
     runs = []
     for seed in ("3", "3", "4"):
         assert main([*args, "--seed", seed]) == 0
@@ -75,8 +106,9 @@ def _one_error_line(capsys, argv, *needles):
 
 
 def test_missing_checkpoint_path(capsys, tmp_path):
-    _one_error_line(capsys, ["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"],
-                    "checkpoint not found")
+    _one_error_line(
+        capsys, ["generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "checkpoint not found"
+    )
 
 
 def test_directory_that_is_no_checkpoint(capsys, tmp_path):
@@ -88,8 +120,9 @@ def test_params_disagreeing_with_tensor_shapes(capsys, tmp_path):
     params = json.loads((d / "params.json").read_text())
     params["n_kv_heads"] = 4
     (d / "params.json").write_text(json.dumps(params))
-    _one_error_line(capsys, ["generate", "--checkpoint", str(d), "--tokenizer", "x", "--prompt", "x"],
-                    "wk.weight", "disagree")
+    _one_error_line(
+        capsys, ["generate", "--checkpoint", str(d), "--tokenizer", "x", "--prompt", "x"], "wk.weight", "disagree"
+    )
 
 
 def test_hf_config_disagreeing_with_tensor_shapes(capsys, tmp_path, smollm2_gguf):
@@ -97,8 +130,9 @@ def test_hf_config_disagreeing_with_tensor_shapes(capsys, tmp_path, smollm2_gguf
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (d / "config.json").write_text(json.dumps(cfg))
-    _one_error_line(capsys, ["generate", "--checkpoint", str(d), "--tokenizer", str(smollm2_gguf),
-                             "--prompt", "x"], "disagree")
+    _one_error_line(
+        capsys, ["generate", "--checkpoint", str(d), "--tokenizer", str(smollm2_gguf), "--prompt", "x"], "disagree"
+    )
 
 
 def test_missing_and_truncated_shards(capsys, tmp_path):
@@ -114,8 +148,9 @@ def test_missing_and_truncated_shards(capsys, tmp_path):
 def test_missing_hf_shard(capsys, tmp_path, smollm2_gguf):
     d = write_hf(random_model(tiny_config(), seed=36), tmp_path / "hf", shards=2)
     next(d.glob("model-00002-of-00002.safetensors")).unlink()
-    _one_error_line(capsys, ["generate", "--checkpoint", str(d), "--tokenizer", str(smollm2_gguf),
-                             "--prompt", "x"], "missing")
+    _one_error_line(
+        capsys, ["generate", "--checkpoint", str(d), "--tokenizer", str(smollm2_gguf), "--prompt", "x"], "missing"
+    )
 
 
 def test_pickled_objects_are_refused(capsys, tmp_path):
@@ -139,37 +174,57 @@ def test_unsupported_gguf_quantization(capsys, tmp_path):
 
 
 def test_prompt_too_long(capsys, tiny_gguf):
-    _one_error_line(capsys, ["generate", "--checkpoint", str(tiny_gguf), "--prompt", "x" * 40,
-                             "--max-new-tokens", "30", "--set", "runtime.max_seq_len=64"],
-                    "runtime.max_seq_len=64", "70")
+    _one_error_line(
+        capsys,
+        [
+            "generate",
+            "--checkpoint",
+            str(tiny_gguf),
+            "--prompt",
+            "x" * 40,
+            "--max-new-tokens",
+            "30",
+            "--set",
+            "runtime.max_seq_len=64",
+        ],
+        "runtime.max_seq_len=64",
+        "70",
+    )
 
 
 def test_empty_prompt(capsys, tiny_gguf):
     _one_error_line(capsys, ["generate", "--checkpoint", str(tiny_gguf), "--prompt", ""], "empty")
 
 
-@pytest.mark.parametrize(("setting", "needle"), [
-    ("generate.top_q=0.5", "unknown key (did you mean generate.top_p?)"),
-    ("parallel.tensr=2", "did you mean parallel.tensor?"),
-    ("runtime.max_seq_len=long", "expected int"),
-    ("generate.temperature=-1", "must be >= 0"),
-    ("runtime.dtype=float8", "must be one of"),
-    ("nosection.x=1", "unknown section"),
-    ("novalue", "expected dotted.key=value"),
-])
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("generate.top_q=0.5", "unknown key (did you mean generate.top_p?)"),
+        ("parallel.tensr=2", "did you mean parallel.tensor?"),
+        ("runtime.max_seq_len=long", "expected int"),
+        ("generate.temperature=-1", "must be >= 0"),
+        ("runtime.dtype=float8", "must be one of"),
+        ("nosection.x=1", "unknown section"),
+        ("novalue", "expected dotted.key=value"),
+    ],
+)
 def test_bad_set(capsys, tiny_gguf, setting, needle):
-    _one_error_line(capsys, ["generate", "--checkpoint", str(tiny_gguf), "--prompt", "x", "--set", setting],
-                    needle)
+    _one_error_line(capsys, ["generate", "--checkpoint", str(tiny_gguf), "--prompt", "x", "--set", setting], needle)
 
 
 def test_layout_must_fill_the_world(capsys, tiny_gguf):
-    _one_error_line(capsys, ["generate", "--checkpoint", str(tiny_gguf), "--prompt", "x",
-                             "--set", "parallel.tensor=2"], "must equal the number of processes (1)")
+    _one_error_line(
+        capsys,
+        ["generate", "--checkpoint", str(tiny_gguf), "--prompt", "x", "--set", "parallel.tensor=2"],
+        "must equal the number of processes (1)",
+    )
 
 
 def test_bad_input_through_the_real_process_is_one_line_and_exit_2(tmp_path):
     r = cli("generate", "--checkpoint", str(tmp_path / "missing.gguf"), "--prompt", "x")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'missing.gguf'} "
-                                             f"(give a Meta dir, a Hugging Face dir or a .gguf file)"]
+    assert r.stderr.strip().splitlines() == [
+        f"error: checkpoint not found: {tmp_path / 'missing.gguf'} "
+        f"(give a Meta dir, a Hugging Face dir or a .gguf file)"
+    ]
     assert r.stdout == ""

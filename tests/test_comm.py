@@ -1,6 +1,7 @@
 """Collectives on real gloo ranks: the shared-memory all-reduce / all-gather / broadcast give the exact results
 (large tensors through gloo), the model over them gives TP=1's logits, bitwise-equal on every rank, and a dead
 peer is noticed, not waited for."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """`llama3-dist explain`: the walkthrough is read off the model generate runs, at every layout, and its CLI contract."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,15 @@ NINE_THREE = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size":
 def cli(*args: str, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "llama3_dist", "explain", *args]
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +52,29 @@ def tiny(tmp_path_factory):
 
 
 def config(path, mesh: Mesh, *sets: str):
-    return load_config(None, [f"model.checkpoint={json.dumps(str(path))}", f"parallel.tensor={mesh.tp.size}",
-                              f"parallel.pipeline={mesh.pp.size}", *sets])
+    return load_config(
+        None,
+        [
+            f"model.checkpoint={json.dumps(str(path))}",
+            f"parallel.tensor={mesh.tp.size}",
+            f"parallel.pipeline={mesh.pp.size}",
+            *sets,
+        ],
+    )
 
 
 def _explain_then_generate(mesh: Mesh, path: str, layer: int, head: int):
     """explain(), then generate's first greedy token on the same ready model; rank 0 returns both."""
     ready = assemble(config(path, mesh), mesh=mesh)
     exp = explain(ready, PROMPT, layer, head)
-    [done] = generate(ready.model, mesh, [ready.tokenizer.encode(PROMPT)], SamplingParams(1, temperature=0.0),
-                      frozenset(), microbatches=1)
+    [done] = generate(
+        ready.model,
+        mesh,
+        [ready.tokenizer.encode(PROMPT)],
+        SamplingParams(1, temperature=0.0),
+        frozenset(),
+        microbatches=1,
+    )
     if exp is None:
         return None
     # numpy, not a tensor: a tensor crosses the rank's result queue as a shared-memory handle
@@ -96,8 +117,10 @@ def test_recomputed_attention_is_the_models_attention(tiny):
     layer = 1
     attention = ready.model.layers[str(layer)].attention
     seen = {}
-    hooks = [attention.wqkv.register_forward_hook(lambda m, a, out: seen.update(v=out[2].clone())),
-             attention.wo.register_forward_pre_hook(lambda m, a: seen.update(wo_in=a[0].clone()))]
+    hooks = [
+        attention.wqkv.register_forward_hook(lambda m, a, out: seen.update(v=out[2].clone())),
+        attention.wo.register_forward_pre_hook(lambda m, a: seen.update(wo_in=a[0].clone())),
+    ]
     exp = explain(ready, PROMPT, layer, 0)
     for h in hooks:
         h.remove()
@@ -119,7 +142,9 @@ def test_llama31_rope_scaling_shows_in_the_rope_step(tmp_path):
     exp = explain(ready, PROMPT, 0, 0)
     rope = next(s for s in exp.steps if s.name == "RoPE")
     line = next(t for t in rope.text if t.startswith("Llama 3.1 scaling"))
-    kept, divided, blended = map(int, re.search(r"(\d+) pairs kept .* (\d+) divided by 8 .* (\d+) blended", line).groups())
+    kept, divided, blended = map(
+        int, re.search(r"(\d+) pairs kept .* (\d+) divided by 8 .* (\d+) blended", line).groups()
+    )
     assert kept >= 1 and divided >= 1 and blended >= 1 and kept + divided + blended == len(exp.freqs)
     assert torch.equal(exp.freqs[:kept], exp.base_freqs[:kept]) and torch.all(exp.freqs[kept:] < exp.base_freqs[kept:])
     assert rope.values == [float(f"{x:.4g}") for x in exp.freqs[:4].tolist()]
@@ -130,7 +155,9 @@ def test_llama31_rope_scaling_shows_in_the_rope_step(tmp_path):
 
 
 def test_json_is_one_object_with_steps_and_next_tokens(tiny, capsys):
-    assert main(["explain", "--checkpoint", str(tiny), "--prompt", PROMPT, "--layer", "2", "--head", "5", "--json"]) == 0
+    assert (
+        main(["explain", "--checkpoint", str(tiny), "--prompt", PROMPT, "--layer", "2", "--head", "5", "--json"]) == 0
+    )
     out = capsys.readouterr().out
     assert len(out.splitlines()) == 1
     obj = json.loads(out)
@@ -159,13 +186,16 @@ def test_out_writes_a_self_contained_index_html_and_pngs(tiny, tmp_path, capsys)
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--layer", "4"], "--layer 4 is out of range; the model has layers 0-3"),
-    (["--layer", "-1"], "--layer -1 is out of range"),
-    (["--head", "9"], "--head 9 is out of range; the model has query heads 0-8"),
-    (["--prompt", ""], "the prompt is empty"),
-    (["--prompt", "   "], "the prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--layer", "4"], "--layer 4 is out of range; the model has layers 0-3"),
+        (["--layer", "-1"], "--layer -1 is out of range"),
+        (["--head", "9"], "--head 9 is out of range; the model has query heads 0-8"),
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt", "   "], "the prompt is empty"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tiny, capsys, argv, needle):
     assert main(["explain", "--checkpoint", str(tiny), *argv]) == 2
     captured = capsys.readouterr()
@@ -182,8 +212,9 @@ def test_unwritable_out_is_one_line_before_loading(tiny, tmp_path, capsys):
 
 
 def test_torchrun_tp2_prints_one_json_object_with_tp1s_tokens(tiny):
-    tp2 = cli("--checkpoint", str(tiny), "--prompt", PROMPT, "--head", "8", "--json", "--set", "parallel.tensor=2",
-              nproc=2)
+    tp2 = cli(
+        "--checkpoint", str(tiny), "--prompt", PROMPT, "--head", "8", "--json", "--set", "parallel.tensor=2", nproc=2
+    )
     assert tp2.returncode == 0, tp2.stderr
     assert len(tp2.stdout.splitlines()) == 1  # rank 0 only
     tp1 = cli("--checkpoint", str(tiny), "--prompt", PROMPT, "--head", "8", "--json")
@@ -200,8 +231,25 @@ def test_embedded_smollm2_walkthrough_predicts_generates_token():
     assert "layer 0 attention_norm" in r.stdout and "layer 0 head 0" in r.stdout
     assert "equals the hooked input of wo: True" in r.stdout
     predicted = int(re.search(r"greedy next token: .* \(id (\d+)\)", r.stdout).group(1))
-    g = subprocess.run([sys.executable, "-m", "llama3_dist", "generate", "--temperature", "0", "--max-new-tokens", "1",
-                        "--json", "--prompt", DEFAULT_PROMPT], check=False, capture_output=True, text=True, timeout=240,
-                       stdin=subprocess.DEVNULL)
+    g = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama3_dist",
+            "generate",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "1",
+            "--json",
+            "--prompt",
+            DEFAULT_PROMPT,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
     assert g.returncode == 0, g.stderr
     assert json.loads(g.stdout)["tokens"] == [predicted]

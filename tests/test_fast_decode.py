@@ -1,14 +1,14 @@
 """The fast decode path's logic on CPU: fixed-shape (CUDA-graph-style) steps, torch.compile and its eager
 fallback give the eager tokens, on one rank and at TP=2. The CUDA runs themselves are in tests/gpu."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
-from llama3_dist import fast_decode
 from helpers.distributed import run_ranks
 from helpers.parity import BATCH, GREEDY, logits_and_tokens, our_model
 
+from llama3_dist import fast_decode
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.generate import generate
 from llama3_dist.parallel.mesh import Mesh
@@ -56,6 +56,7 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_meta, dtype):
 
 def test_a_failing_compile_falls_back_to_eager_decoding(tiny_meta, caplog):
     import torch._inductor.config as inductor
+
     model = our_model(tiny_meta)
     batch = [[3, 4, 5, 6], [7]]
     eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]

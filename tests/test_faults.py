@@ -5,6 +5,7 @@ The stopped rank is frozen with SIGSTOP (alive, so torchrun sees nothing), or ki
 in a job started without torchrun (so no launcher tears the job down). Each test records the
 measured time to exit (printed with -s; see the README's Reliability section).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,20 @@ from llama3_dist.parallel.mesh import Mesh, build_mesh
 TIMEOUT_S = 5  # runtime.timeout_s of the faulty jobs
 GRACE_S = 10  # a survivor must be gone within TIMEOUT_S + GRACE_S of the fault
 PROMPT = "a"
-LONG = ["--prompt", PROMPT, "--max-new-tokens", "30000", "--set", "runtime.max_seq_len=30002",
-        "--temperature", "0", "--set", "generate.stop=[]", "--set", f"runtime.timeout_s={TIMEOUT_S}"]
+LONG = [
+    "--prompt",
+    PROMPT,
+    "--max-new-tokens",
+    "30000",
+    "--set",
+    "runtime.max_seq_len=30002",
+    "--temperature",
+    "0",
+    "--set",
+    "generate.stop=[]",
+    "--set",
+    f"runtime.timeout_s={TIMEOUT_S}",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -78,11 +91,28 @@ def kill_all(procs) -> None:
 
 def torchrun_job(tiny: Path, logs: Path, *extra: str) -> subprocess.Popen:
     """A 2-rank torchrun job, each rank's stdout/stderr in logs/**/<local rank>/std{out,err}.log."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--redirects", "3", "--log-dir", str(logs), "-m", "llama3_dist", "generate",
-           "--checkpoint", str(tiny), *LONG, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env=ENV, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--redirects",
+        "3",
+        "--log-dir",
+        str(logs),
+        "-m",
+        "llama3_dist",
+        "generate",
+        "--checkpoint",
+        str(tiny),
+        *LONG,
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV, text=True
+    )
 
 
 def rank_log(logs: Path, rank: int, stream: str) -> Path:
@@ -106,15 +136,33 @@ def workers(job: subprocess.Popen) -> dict[int, psutil.Process]:
 SILENT = r"did not (answer|arrive) within runtime.timeout_s"
 
 
-@pytest.mark.parametrize("layout,stop,message", [
-    (["--set", "parallel.tensor=2", "--set", "parallel.collectives=shm"], 1,
-     rf"error: \[rank 0\] shm (all_reduce|all_gather|broadcast) over ranks \(0, 1\): rank 1 \(pid \d+\) {SILENT}"),
-    (["--set", "parallel.tensor=2", "--set", "parallel.collectives=backend"], 1,
-     rf"error: \[rank 0\] (all_reduce|all_gather|broadcast from rank 0) over ranks \(0, 1\): rank 1 {SILENT}"),
-    # stage 0 waits for the tokens the last stage samples; stage 1 waits for stage 0's activations
-    (["--set", "parallel.pipeline=2"], 1, rf"error: \[rank 0\] broadcast from rank 1 over ranks \(0, 1\): rank 1 {SILENT}"),
-    (["--set", "parallel.pipeline=2"], 0, rf"error: \[rank 1\] recv from rank 0 over ranks \(0, 1\): rank 0 {SILENT}"),
-], ids=["shm", "gloo", "pipeline-stop-last", "pipeline-stop-first"])
+@pytest.mark.parametrize(
+    "layout,stop,message",
+    [
+        (
+            ["--set", "parallel.tensor=2", "--set", "parallel.collectives=shm"],
+            1,
+            rf"error: \[rank 0\] shm (all_reduce|all_gather|broadcast) over ranks \(0, 1\): rank 1 \(pid \d+\) {SILENT}",  # noqa: E501
+        ),
+        (
+            ["--set", "parallel.tensor=2", "--set", "parallel.collectives=backend"],
+            1,
+            rf"error: \[rank 0\] (all_reduce|all_gather|broadcast from rank 0) over ranks \(0, 1\): rank 1 {SILENT}",
+        ),
+        # stage 0 waits for the tokens the last stage samples; stage 1 waits for stage 0's activations
+        (
+            ["--set", "parallel.pipeline=2"],
+            1,
+            rf"error: \[rank 0\] broadcast from rank 1 over ranks \(0, 1\): rank 1 {SILENT}",
+        ),
+        (
+            ["--set", "parallel.pipeline=2"],
+            0,
+            rf"error: \[rank 1\] recv from rank 0 over ranks \(0, 1\): rank 0 {SILENT}",
+        ),
+    ],
+    ids=["shm", "gloo", "pipeline-stop-last", "pipeline-stop-first"],
+)
 def test_a_stopped_rank_ends_the_job(tiny, tmp_path, layout, stop, message):
     job = torchrun_job(tiny, tmp_path / "logs", *layout)
     survivor = 1 - stop
@@ -126,8 +174,9 @@ def test_a_stopped_rank_ends_the_job(tiny, tmp_path, layout, stop, message):
         try:
             ranks[survivor].wait(timeout=TIMEOUT_S + GRACE_S + 30)
         except psutil.TimeoutExpired:
-            raise AssertionError(f"rank {survivor} still runs {TIMEOUT_S + GRACE_S + 30} s after rank {stop} "
-                                 f"stopped") from None
+            raise AssertionError(
+                f"rank {survivor} still runs {TIMEOUT_S + GRACE_S + 30} s after rank {stop} stopped"
+            ) from None
         took = time.monotonic() - stopped
         print(f"\nfault: SIGSTOP rank {stop} ({' '.join(layout)}): rank {survivor} exited after {took:.1f} s")
         assert took < TIMEOUT_S + GRACE_S, took
@@ -156,12 +205,30 @@ def test_a_killed_rank_ends_its_peer_without_a_launcher(tiny, tmp_path, collecti
     port = free_port()
     procs, outs, errs = [], [], []
     for rank in range(2):
-        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {
+            **ENV,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         outs.append(tmp_path / f"out{rank}")
         errs.append(tmp_path / f"err{rank}")
-        cmd = [sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(tiny), *LONG,
-               "--set", "parallel.tensor=2", "--set", f"parallel.collectives={collectives}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama3_dist",
+            "generate",
+            "--checkpoint",
+            str(tiny),
+            *LONG,
+            "--set",
+            "parallel.tensor=2",
+            "--set",
+            f"parallel.collectives={collectives}",
+        ]
         with open(outs[-1], "w") as out, open(errs[-1], "w") as err:
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env))
     try:
@@ -170,8 +237,9 @@ def test_a_killed_rank_ends_its_peer_without_a_launcher(tiny, tmp_path, collecti
         killed = time.monotonic()
         code = procs[0].wait(timeout=TIMEOUT_S + GRACE_S + 30)
         took = time.monotonic() - killed
-        print(f"\nfault: SIGKILL rank 1 (collectives={collectives}, no launcher): rank 0 exited {code} "
-              f"after {took:.1f} s")
+        print(
+            f"\nfault: SIGKILL rank 1 (collectives={collectives}, no launcher): rank 0 exited {code} after {took:.1f} s"
+        )
     finally:
         kill_all([psutil.Process(p.pid) for p in procs if p.poll() is None])
         for p in procs:
@@ -179,8 +247,13 @@ def test_a_killed_rank_ends_its_peer_without_a_launcher(tiny, tmp_path, collecti
     assert code == 1
     assert took < TIMEOUT_S + GRACE_S, took
     lost = r"rank 1 \(pid \d+\) has exited" if collectives == "shm" else r"lost rank 1 \(.+\)"
-    print(check_error_line(read(errs[0]), rf"error: \[rank 0\] (shm )?(all_reduce|all_gather|broadcast\b.*) over ranks "
-                                    rf"\(0, 1\): {lost}"))
+    print(
+        check_error_line(
+            read(errs[0]),
+            rf"error: \[rank 0\] (shm )?(all_reduce|all_gather|broadcast\b.*) over ranks "
+            rf"\(0, 1\): {lost}",
+        )
+    )
 
 
 def _silent_peer_in_a_short_group(mesh: Mesh):

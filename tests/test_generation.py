@@ -1,5 +1,6 @@
 """Generation on one rank: logits and greedy tokens == transformers' LlamaForCausalLM for every tiny variant
 in every checkpoint format; ragged batches, stop tokens, seeded sampling, bfloat16."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ Each test names the variant it ran: ops are called by name (torch.ops.llama3_dis
 and linear()'s path is read off the dispatcher (a TorchDispatchMode records the ops it reaches).
 A variant this CPU supports that fails to build fails its test: nothing here skips.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -39,9 +40,11 @@ class RecordOps(TorchDispatchMode):
 @pytest.fixture
 def force(monkeypatch):
     """force(name): set LLAMA3_DIST_KERNELS=name and redo the dispatch; restored after the test."""
+
     def set_variant(name: str) -> None:
         monkeypatch.setenv("LLAMA3_DIST_KERNELS", name)
         kernels.reset()
+
     yield set_variant
     monkeypatch.delenv("LLAMA3_DIST_KERNELS", raising=False)
     kernels.reset()
@@ -154,14 +157,31 @@ def test_variants_this_cpu_cannot_run_still_compile(tmp_path):
     """Code for instruction sets this CPU lacks runs only elsewhere; here it must at least compile
     (same flags as the build, object files only: loading them could execute an unknown instruction)."""
     from torch.utils.cpp_extension import include_paths
+
     others = [v for v in kernels.VARIANTS if v not in SUPPORTED]
     if platform.machine() not in ("x86_64", "AMD64"):  # the x86 variants need an x86 compiler
         assert SUPPORTED == ["portable"]
         return
-    procs = {v: subprocess.Popen([os.environ.get("CXX", "c++"), "-std=c++20", "-O3", "-fopenmp", "-ffp-contract=off",
-                                  *kernels.CFLAGS[v], *[f"-I{p}" for p in include_paths()], "-c", str(kernels.SOURCE),
-                                  "-o", str(tmp_path / f"{v}.o")], stderr=subprocess.PIPE, text=True)
-             for v in others}
+    procs = {
+        v: subprocess.Popen(
+            [
+                os.environ.get("CXX", "c++"),
+                "-std=c++20",
+                "-O3",
+                "-fopenmp",
+                "-ffp-contract=off",
+                *kernels.CFLAGS[v],
+                *[f"-I{p}" for p in include_paths()],
+                "-c",
+                str(kernels.SOURCE),
+                "-o",
+                str(tmp_path / f"{v}.o"),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in others
+    }
     for v, p in procs.items():
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, f"{v}: {err[-2000:]}"
@@ -172,15 +192,26 @@ def test_variants_this_cpu_cannot_run_still_compile(tmp_path):
 def test_a_variant_the_cpu_lacks_is_one_error_line_from_the_cli():
     wanted = next((v for v in kernels.VARIANTS if v not in SUPPORTED), "avx9000")  # avx9000: no CPU has it
     env = {**os.environ, "LLAMA3_DIST_KERNELS": wanted}
-    r = subprocess.run([sys.executable, "-m", "llama3_dist", "generate", "--prompt", "hi", "--max-new-tokens", "2"],
-                       env=env, capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "llama3_dist", "generate", "--prompt", "hi", "--max-new-tokens", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 2 and r.stdout == ""
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [line for line in r.stderr.splitlines() if "LLAMA3_DIST_KERNELS" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"error: LLAMA3_DIST_KERNELS={wanted}: ") and "Traceback" not in r.stderr
+    assert (
+        len(errors) == 1
+        and errors[0].startswith(f"error: LLAMA3_DIST_KERNELS={wanted}: ")
+        and "Traceback" not in r.stderr
+    )
 
 
 # ---- fused decode steps: each equals model.py's eager math (written out here, as model.py has it)
+
 
 def eager_rms_norm(x, w, eps):
     xf = x.float()
@@ -267,8 +298,9 @@ print("VARIANT", kernels.variant())
 def probe(tmp_path, **env: str) -> subprocess.Popen:
     """A fresh process that loads the kernels with TORCH_EXTENSIONS_DIR=tmp_path; prints the variant."""
     full = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "LLAMA3_DIST_KERNELS": "auto", **env}
-    return subprocess.Popen([sys.executable, "-c", PROBE], env=full, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", PROBE], env=full, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def finish(p: subprocess.Popen, timeout: float) -> tuple[str, str]:

@@ -1,5 +1,6 @@
 """torchrun and launch/ end to end (the small presets, two "nodes" on localhost): the same tokens as one
 process, rank-0-only output, no hang on failure."""
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,21 @@ ARGS = ["--prompt", "hello there", "--prompt", "x", "--max-new-tokens", "8", "--
 
 
 def torchrun(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "llama3_dist", "generate", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 180),
-                          stdin=subprocess.DEVNULL, **kw)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "llama3_dist",
+        "generate",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 180), stdin=subprocess.DEVNULL, **kw
+    )
 
 
 def tokens_of(stdout: str) -> list[list[int]]:
@@ -33,8 +45,13 @@ def tokens_of(stdout: str) -> list[list[int]]:
 
 
 def single(path) -> list[list[int]]:
-    r = subprocess.run([sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(path), *ARGS],
-                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(path), *ARGS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stderr
     return tokens_of(r.stdout)
 
@@ -47,9 +64,21 @@ def test_torchrun_tp2_prints_once_and_matches_one_process(tiny_gguf):
 
 
 def test_launch_script_reads_the_rank_count_from_the_config(tiny_gguf):
-    r = subprocess.run([str(REPO / "launch" / "run.sh"), str(REPO / "configs" / "smollm2-135m-tp2.yaml"), "--",
-                        "--checkpoint", str(tiny_gguf), *ARGS], capture_output=True, text=True, timeout=180,
-                       stdin=subprocess.DEVNULL, env={**os.environ, "PYTHON": sys.executable})
+    r = subprocess.run(
+        [
+            str(REPO / "launch" / "run.sh"),
+            str(REPO / "configs" / "smollm2-135m-tp2.yaml"),
+            "--",
+            "--checkpoint",
+            str(tiny_gguf),
+            *ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert r.returncode == 0, r.stderr
     assert tokens_of(r.stdout) == single(tiny_gguf)
 
@@ -58,22 +87,42 @@ def test_layout_mismatch_is_an_error_on_every_rank_before_loading(tiny_gguf):
     r = torchrun(3, "--checkpoint", str(tiny_gguf), "--set", "parallel.tensor=2", *ARGS)
     assert r.returncode != 0
     for rank in range(3):
-        assert f"error: [rank {rank}] parallel.tensor (2) x parallel.pipeline (1) = 2 must equal the number " \
-               f"of processes (3)" in r.stderr
+        assert (
+            f"error: [rank {rank}] parallel.tensor (2) x parallel.pipeline (1) = 2 must equal the number "
+            f"of processes (3)" in r.stderr
+        )
     assert "loading" not in r.stderr and r.stdout == ""
 
 
 def test_a_killed_rank_ends_the_whole_job_quickly(tiny_gguf):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "llama3_dist", "generate", "--checkpoint", str(tiny_gguf), "--set", "parallel.tensor=2",
-           "--prompt", "a", "--max-new-tokens", "30000", "--set", "runtime.max_seq_len=30002",
-           "--temperature", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "llama3_dist",
+        "generate",
+        "--checkpoint",
+        str(tiny_gguf),
+        "--set",
+        "parallel.tensor=2",
+        "--prompt",
+        "a",
+        "--max-new-tokens",
+        "30000",
+        "--set",
+        "runtime.max_seq_len=30002",
+        "--temperature",
+        "0",
+    ]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert job.stdout.read(1) == b"a"  # rank 0 streams the prompt once the model is loaded
         time.sleep(1.0)
-        workers = [p for p in psutil.Process(job.pid).children(recursive=True)
-                   if p.environ().get("RANK") == "1"]
+        workers = [p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
         assert len(workers) == 1
         workers[0].kill()
         killed = time.monotonic()
@@ -108,9 +157,21 @@ def test_a_raising_rank_makes_its_peer_fail_not_hang(tiny_gguf):
 
 @pytest.mark.parametrize("name", ["smollm2-135m-pp2", "smollm2-135m-tp2-pp2", "smollm2-135m-tp4"])
 def test_small_presets_run_through_the_launch_script(tiny_gguf, name):
-    r = subprocess.run([str(REPO / "launch" / "run.sh"), str(REPO / "configs" / f"{name}.yaml"), "--",
-                        "--checkpoint", str(tiny_gguf), *ARGS], capture_output=True, text=True, timeout=240,
-                       stdin=subprocess.DEVNULL, env={**os.environ, "PYTHON": sys.executable})
+    r = subprocess.run(
+        [
+            str(REPO / "launch" / "run.sh"),
+            str(REPO / "configs" / f"{name}.yaml"),
+            "--",
+            "--checkpoint",
+            str(tiny_gguf),
+            *ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert r.returncode == 0, r.stderr
     assert [json.loads(x)["tokens"] for x in r.stdout.splitlines()] == single(tiny_gguf)
 
@@ -119,12 +180,27 @@ def test_two_nodes_on_localhost_run_tp2_like_one_process(tiny_gguf):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [str(REPO / "launch" / "multinode.sh"), str(REPO / "configs" / "smollm2-135m-tp2.yaml"),
-           "--nnodes", "2", "--endpoint", f"127.0.0.1:{port}", "--id", "test", "--",
-           "--checkpoint", str(tiny_gguf), *ARGS]
+    cmd = [
+        str(REPO / "launch" / "multinode.sh"),
+        str(REPO / "configs" / "smollm2-135m-tp2.yaml"),
+        "--nnodes",
+        "2",
+        "--endpoint",
+        f"127.0.0.1:{port}",
+        "--id",
+        "test",
+        "--",
+        "--checkpoint",
+        str(tiny_gguf),
+        *ARGS,
+    ]
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              stdin=subprocess.DEVNULL) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL
+        )
+        for _ in range(2)
+    ]
     outs = [n.communicate(timeout=240) for n in nodes]
     assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
     lines = [x for out, _ in outs for x in out.splitlines()]

@@ -1,21 +1,30 @@
 """Pipeline parallelism (and tensor x pipeline meshes) on real gloo ranks: TP=1's tokens and logits."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers.distributed import run_ranks
 
+from llama3_dist.args import ModelArgs
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.config import ConfigError, ParallelConfig, load_config
 from llama3_dist.generate import SamplingParams, generate
-from llama3_dist.args import ModelArgs
 from llama3_dist.parallel.mesh import Mesh
 from llama3_dist.parallel.pipeline import balance_stages, run_stages, stage_layer_ids
 
 TOL = 1e-4
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0)
-BATCH = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46, 26, 43, 38], [2, 7], [1, 8, 2, 8, 1], [8],
-         [28, 18, 28, 45], [90, 45, 23, 53, 60, 28]]
+BATCH = [
+    [3, 14, 15, 92, 65],
+    [35, 89],
+    [79, 32, 38, 46, 26, 43, 38],
+    [2, 7],
+    [1, 8, 2, 8, 1],
+    [8],
+    [28, 18, 28, 45],
+    [90, 45, 23, 53, 60, 28],
+]
 
 
 def run(mesh: Mesh, path: str, microbatches: int = 1, stage_layers=None, batch=BATCH):
@@ -44,9 +53,18 @@ def reference(ckpt):
     return run(Mesh.single(), ckpt)
 
 
-@pytest.mark.parametrize(("tensor", "pipeline", "microbatches"), [
-    (1, 2, 1), (1, 2, 2), (1, 2, 4), (1, 4, 1), (1, 4, 3), (2, 2, 1), (2, 2, 2),
-])
+@pytest.mark.parametrize(
+    ("tensor", "pipeline", "microbatches"),
+    [
+        (1, 2, 1),
+        (1, 2, 2),
+        (1, 2, 4),
+        (1, 4, 1),
+        (1, 4, 3),
+        (2, 2, 1),
+        (2, 2, 2),
+    ],
+)
 def test_layouts_give_tp1_tokens_and_logits(ckpt, reference, tensor, pipeline, microbatches):
     want_logits, want_tokens, _ = reference
     results = run_ranks(run, tensor * pipeline, ckpt, microbatches, tensor=tensor, pipeline=pipeline)
@@ -71,8 +89,9 @@ def test_real_smollm2_pipeline_and_2d_mesh(smollm2_gguf):
     prompts = [[504, 3575, 282, 4649, 314], [1248, 253, 1345], [19556, 28, 957, 1462, 314], [42]]
     want = run(Mesh.single(), str(smollm2_gguf), batch=prompts)[1]
     for tensor, pipeline in ((1, 2), (2, 2)):
-        for _, tokens, _ in run_ranks(run, tensor * pipeline, str(smollm2_gguf), 2, None, prompts,
-                                      tensor=tensor, pipeline=pipeline):
+        for _, tokens, _ in run_ranks(
+            run, tensor * pipeline, str(smollm2_gguf), 2, None, prompts, tensor=tensor, pipeline=pipeline
+        ):
             assert tokens == want, (tensor, pipeline)
 
 
@@ -89,8 +108,7 @@ def _raise_on_last_stage(mesh: Mesh, path: str):
 
 
 def test_a_failing_stage_fails_the_other_stage_not_hangs(ckpt):
-    (ok0, err0, t0), (ok1, err1, _) = run_ranks(_raise_on_last_stage, 2, ckpt, pipeline=2, outcomes=True,
-                                                timeout=60)
+    (ok0, err0, t0), (ok1, err1, _) = run_ranks(_raise_on_last_stage, 2, ckpt, pipeline=2, outcomes=True, timeout=60)
     assert not ok1 and "injected failure" in err1
     assert not ok0 and t0 < 30
 

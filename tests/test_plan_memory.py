@@ -1,5 +1,6 @@
 """`plan` against measured memory, tightly enough that a plan leaving out the KV cache or an embedding
 shard fails, and its workspace estimate against the measured peak of a real prefill."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,16 @@ from llama3_dist.config import ParallelConfig, load_config
 from llama3_dist.parallel.pipeline import run_stages, stage_layer_ids
 from llama3_dist.plan import plan
 
-PARAMS = {"dim": 512, "n_layers": 6, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 32000,
-          "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0}
+PARAMS = {
+    "dim": 512,
+    "n_layers": 6,
+    "n_heads": 8,
+    "n_kv_heads": 2,
+    "vocab_size": 32000,
+    "multiple_of": 256,
+    "norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+}
 MiB = 2**20
 
 
@@ -68,8 +77,15 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 def planned(path: str, batch: int, seq_len: int):
-    cfg = load_config(None, [f"model.checkpoint={path}", "parallel.tensor=2", f"runtime.max_batch_size={batch}",
-                             f"runtime.max_seq_len={seq_len}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.checkpoint={path}",
+            "parallel.tensor=2",
+            f"runtime.max_batch_size={batch}",
+            f"runtime.max_seq_len={seq_len}",
+        ],
+    )
     return plan(cfg, open_checkpoint(path).args)
 
 
@@ -95,6 +111,8 @@ def test_workspace_estimate_covers_a_real_prefill(checkpoint):
     batch, seq_len = 4, 1024
     rows = planned(checkpoint, batch, seq_len)
     for row, peak in zip(rows, run_ranks(_prefill_peak, 2, checkpoint, batch, seq_len)):
-        print(f"\nrank {row.rank}: workspace planned {row.workspace_bytes / MiB:.1f} MiB, "
-              f"prefill peak {peak / MiB:.1f} MiB")
+        print(
+            f"\nrank {row.rank}: workspace planned {row.workspace_bytes / MiB:.1f} MiB, "
+            f"prefill peak {peak / MiB:.1f} MiB"
+        )
         assert 0.75 * row.workspace_bytes <= peak <= row.workspace_bytes, (peak / MiB, row.workspace_bytes / MiB)

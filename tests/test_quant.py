@@ -1,5 +1,6 @@
 """Quantized weights (runtime.weights): block-format kernels, GGUF blocks kept as they are at every
 layout, int8 / int4 quantized on load; each is checked against the same weights dequantized."""
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from helpers.checkpoints import random_model, tiny_config, write_gguf, write_hf
 from helpers.distributed import run_ranks
-from gguf import GGMLQuantizationType
 
 from llama3_dist.args import ModelArgs, preset_args
 from llama3_dist.checkpoint import (
@@ -51,6 +52,7 @@ class CountingOps:
         def call(*args):
             self.calls[name] += 1
             return fn(*args)
+
         return call
 
 
@@ -90,6 +92,7 @@ def reference(w: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 # --- kernels ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("qtype", list(quant.FORMATS))
 def test_dequantizers_match_gguf(qtype):
@@ -160,6 +163,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
+
     monkeypatch.setattr(ext, "load", broken)
     monkeypatch.setattr(quant, "_ops", None)
     monkeypatch.setattr(quant, "_tried", False)
@@ -194,6 +198,7 @@ def test_compiled_decode_calls_the_kernel():
 
 
 # --- config and loading ----------------------------------------------------------------------------
+
 
 def test_runtime_weights_is_validated():
     assert load_config(None, []).runtime.weights == "auto"
@@ -237,8 +242,9 @@ def test_auto_is_the_dequantized_model_on_small_gguf(tmp_path, qtype, counting):
     counting.calls.clear()
     got = generate(auto, Mesh.single(), [ids, ids[:2]], greedy, frozenset())
     assert counting.calls["qlinear"] > 0
-    assert [c.tokens for c in got] == [c.tokens for c in generate(dense, Mesh.single(), [ids, ids[:2]], greedy,
-                                                                   frozenset())]
+    assert [c.tokens for c in got] == [
+        c.tokens for c in generate(dense, Mesh.single(), [ids, ids[:2]], greedy, frozenset())
+    ]
 
 
 def test_float_and_unaligned_slices_stay_float(tmp_path, caplog):
@@ -304,7 +310,7 @@ class KQuantCheckpoint(Checkpoint):
         if dim == 1:
             _, block, nbytes = quant.FORMATS[qtype]
             stop = quant.in_features(raw, qtype) if stop is None else stop
-            return raw[:, start // block * nbytes: stop // block * nbytes].clone()
+            return raw[:, start // block * nbytes : stop // block * nbytes].clone()
         return narrow(raw, dim, start, stop).clone()
 
 
@@ -325,6 +331,7 @@ def test_k_quants_stay_in_their_blocks_and_match_float(counting):
 
 
 # --- the real SmolLM2 (Q4_1 layers, Q8_0 tied embedding) at every layout ---------------------------
+
 
 def smol_run(mesh: Mesh, path: str, weights: str, kernel: bool = True):
     """(logits of the prompt on the last stage or None, greedy tokens, qtypes held, kernel calls)."""
@@ -378,6 +385,7 @@ def test_smollm2_auto_at_every_layout_matches_float(smollm2_gguf, smol_float, te
 
 
 # --- int8 / int4 on load ----------------------------------------------------------------------------
+
 
 class FloatView(Checkpoint):
     """A checkpoint's tensors as floats only (no block formats), like a float export of the same model."""
@@ -451,18 +459,22 @@ def hf_int8_logits(mesh: Mesh, path: str):
 
 # --- plan -------------------------------------------------------------------------------------------
 
+
 def test_plan_counts_quantized_bytes(smollm2_gguf):
     cfg = load_config(None, [f"model.checkpoint={smollm2_gguf}"])
     ckpt = open_checkpoint(smollm2_gguf)
     auto = plan(cfg, ckpt.args, ckpt=ckpt)[0].param_bytes
     model = load_model(ckpt, Mesh.single(), torch.float32, weights="auto")
     assert auto == sum(p.numel() * p.element_size() for p in model.parameters())
-    dense = plan(load_config(None, [f"model.checkpoint={smollm2_gguf}", "runtime.weights=float"]), ckpt.args,
-                 ckpt=ckpt)[0].param_bytes
+    dense = plan(
+        load_config(None, [f"model.checkpoint={smollm2_gguf}", "runtime.weights=float"]), ckpt.args, ckpt=ckpt
+    )[0].param_bytes
     assert auto < dense / 5
     args = preset_args("llama3-8b")
-    by = {w: plan(load_config(None, ["model.preset=llama3-8b", f"runtime.weights={w}"]), args)[0].param_bytes
-          for w in ("auto", "int8", "int4")}
+    by = {
+        w: plan(load_config(None, ["model.preset=llama3-8b", f"runtime.weights={w}"]), args)[0].param_bytes
+        for w in ("auto", "int8", "int4")
+    }
     assert by["int8"] == pytest.approx(by["auto"] * 34 / 128, rel=1e-3)  # every matrix in Q8_0, norms float32
     tables = 2 * args.vocab_size * args.dim  # embedding and untied head: Q8_0 under int4 as well
     assert by["int4"] == pytest.approx(by["auto"] * 20 / 128 + tables * (34 - 20) / 32, rel=1e-3)

@@ -1,4 +1,5 @@
 """The real SmolLM2-135M-Instruct GGUF: the same greedy tokens as transformers loading the same file."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,7 @@ from llama3_dist.parallel.mesh import Mesh
 N_NEW = 24
 PROMPTS = [
     "The capital of France is",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "In 1969, 3 astronauts flew 384400 km to",
     "Gravity is",
 ]
@@ -26,15 +27,21 @@ def ours(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def theirs(smollm2_gguf):
-    return LlamaForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                            dtype=torch.float32).eval()
+    return LlamaForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
 
 
 def hf_greedy(hf, ids: list[int], n: int, stop: frozenset[int]) -> list[int]:
     with torch.inference_mode():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=sorted(stop),
-                          pad_token_id=sorted(stop)[0])
-    new = out[0, len(ids):].tolist()
+        out = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=sorted(stop),
+            pad_token_id=sorted(stop)[0],
+        )
+    new = out[0, len(ids) :].tolist()
     return new[:-1] if new and new[-1] in stop else new
 
 

@@ -4,6 +4,7 @@ A few servers are started per module and shared: one process on a tiny random GG
 tests), one on the embedded SmolLM2 (chat template, model name, loading), and torchrun servers
 at TP=2 and PP=2 that must give the one-process tokens. Every wait has a timeout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ from llama3_dist.serve.scheduler import TextStream
 
 START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 120
-TINY_SETS = ["runtime.compile=false", "runtime.max_seq_len=8192", "runtime.max_batch_size=4", "serve.max_queue=4",
-             "serve.shutdown_grace_s=60"]
+TINY_SETS = [
+    "runtime.compile=false",
+    "runtime.max_seq_len=8192",
+    "runtime.max_batch_size=4",
+    "serve.max_queue=4",
+    "serve.shutdown_grace_s=60",
+]
 
 
 class Server:
@@ -48,9 +54,15 @@ class Server:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         serve = ["-m", "llama3_dist", "serve", "--port", "0", *args]
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc else []
-        self.proc = subprocess.Popen([sys.executable, *launcher, *serve], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, *launcher, *serve],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.new: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -125,7 +137,7 @@ def stream_completion(server: Server, body: dict, path: str = "/v1/completions")
     events = []
     with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=REQUEST_TIMEOUT_S) as r:
         assert r.status_code == 200, r.read()
-        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        data = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]", data[-3:]
     for d in data[:-1]:
         events.append(json.loads(d))
@@ -137,6 +149,7 @@ def streamed_text(events: list[dict], index: int = 0) -> str:
 
 
 # --- pieces, without a server ---
+
 
 class ByteTokenizer:
     """Token id b is byte b."""
@@ -170,9 +183,12 @@ def test_text_stream_holds_back_stop_string_prefixes_and_partial_utf8():
 
 
 def test_served_name_is_the_checkpoints_without_quantization(tmp_path):
-    for file, name in [("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
-                       ("Meta-Llama-3-8B-Instruct-Q4_K_M.gguf", "Meta-Llama-3-8B-Instruct"),
-                       ("model.f16.gguf", "model"), ("tiny.gguf", "tiny")]:
+    for file, name in [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+        ("Meta-Llama-3-8B-Instruct-Q4_K_M.gguf", "Meta-Llama-3-8B-Instruct"),
+        ("model.f16.gguf", "model"),
+        ("tiny.gguf", "tiny"),
+    ]:
         (tmp_path / file).touch()
         assert checkpoint_name(tmp_path / file) == name
     (tmp_path / "Meta-Llama-3-8B" / "original").mkdir(parents=True)
@@ -180,10 +196,15 @@ def test_served_name_is_the_checkpoints_without_quantization(tmp_path):
     assert checkpoint_name(tmp_path / "Meta-Llama-3-8B") == "Meta-Llama-3-8B"
 
 
-@pytest.mark.parametrize("setting, needle", [
-    ("serve.port=70000", "serve.port"), ("serve.max_queue=-1", "serve.max_queue"),
-    ("serve.heartbeat_s=100", "serve.heartbeat_s"), ("serve.hots=x", "serve.host"),
-])
+@pytest.mark.parametrize(
+    "setting, needle",
+    [
+        ("serve.port=70000", "serve.port"),
+        ("serve.max_queue=-1", "serve.max_queue"),
+        ("serve.heartbeat_s=100", "serve.heartbeat_s"),
+        ("serve.hots=x", "serve.host"),
+    ],
+)
 def test_bad_serve_config_is_one_error_naming_the_key(setting, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(None, [setting])
@@ -196,8 +217,13 @@ def test_serve_cli_errors_are_one_line_and_exit_2(tiny_gguf):
     port = busy.getsockname()[1]
     try:
         for args, needle in [(["--port", str(port)], "cannot listen"), (["--set", "serve.port=-1"], "serve.port")]:
-            r = subprocess.run([sys.executable, "-m", "llama3_dist", "serve", "--checkpoint", str(tiny_gguf), *args],
-                               capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+            r = subprocess.run(
+                [sys.executable, "-m", "llama3_dist", "serve", "--checkpoint", str(tiny_gguf), *args],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+            )
             assert r.returncode == 2 and needle in r.stderr
             assert r.stderr.strip().splitlines()[-1].startswith("error: ")
             assert "Traceback" not in r.stderr
@@ -207,15 +233,22 @@ def test_serve_cli_errors_are_one_line_and_exit_2(tiny_gguf):
 
 # --- one process ---
 
+
 def test_models_health_and_metrics(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
     health = server.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     metrics = server.get("/metrics").text
-    for name in ("llama3_dist_requests_running", "llama3_dist_requests_waiting", "llama3_dist_kv_slots_in_use",
-                 "llama3_dist_prompt_tokens_total", "llama3_dist_generation_tokens_total",
-                 "llama3_dist_time_to_first_token_seconds_bucket", "llama3_dist_inter_token_latency_seconds_bucket"):
+    for name in (
+        "llama3_dist_requests_running",
+        "llama3_dist_requests_waiting",
+        "llama3_dist_kv_slots_in_use",
+        "llama3_dist_prompt_tokens_total",
+        "llama3_dist_generation_tokens_total",
+        "llama3_dist_time_to_first_token_seconds_bucket",
+        "llama3_dist_inter_token_latency_seconds_bucket",
+    ):
         assert name in metrics
 
 
@@ -245,8 +278,11 @@ def test_token_id_prompts_and_batches_of_prompts(server):
     both = complete(server, [list(b"abc"), list(b"xyz and more")], max_tokens=5, temperature=0)["choices"]
     strings = complete(server, ["abc", "xyz and more"], max_tokens=5, temperature=0)["choices"]
     assert one == ids == both[0]["text"] == strings[0]["text"]
-    assert both[1]["text"] == strings[1]["text"] == complete(server, "xyz and more", max_tokens=5,
-                                                             temperature=0)["choices"][0]["text"]
+    assert (
+        both[1]["text"]
+        == strings[1]["text"]
+        == complete(server, "xyz and more", max_tokens=5, temperature=0)["choices"][0]["text"]
+    )
     assert [c["index"] for c in both] == [0, 1]
 
 
@@ -265,13 +301,21 @@ def test_chat_stream_and_not_through_openai_client(server, local_model):
     m = local_model
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     whole = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
-    [want] = generate(m.model, m.mesh, [m.tokenizer.encode_chat(messages)], SamplingParams(10, temperature=0.0),
-                      m.tokenizer.stop_ids)
+    [want] = generate(
+        m.model, m.mesh, [m.tokenizer.encode_chat(messages)], SamplingParams(10, temperature=0.0), m.tokenizer.stop_ids
+    )
     assert whole.choices[0].message.role == "assistant"
     assert whole.choices[0].message.content == m.tokenizer.decode(want.tokens)
-    chunks = list(server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
-                                                        temperature=0, stream=True,
-                                                        stream_options={"include_usage": True}))
+    chunks = list(
+        server.client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -322,21 +366,25 @@ def test_n_choices_are_the_seeds_seed_plus_i(server):
     for i, c in enumerate(many["choices"]):
         assert c["text"] == complete(server, **{**body, "seed": 42 + i})["choices"][0]["text"]
     assert many["usage"]["completion_tokens"] == sum(
-        complete(server, **{**body, "seed": 42 + i})["usage"]["completion_tokens"] for i in range(3))
+        complete(server, **{**body, "seed": 42 + i})["usage"]["completion_tokens"] for i in range(3)
+    )
     events = stream_completion(server, {**body, "n": 3})
     assert [streamed_text(events, i) for i in range(3)] == [c["text"] for c in many["choices"]]
 
 
 def printable_window(text: str, width: int) -> int:
-    return next(i for i in range(1, len(text) - width) if text[i:i + width].isascii()
-                and text[i:i + width].isprintable() and text[i:i + width] not in text[:i])
+    return next(
+        i
+        for i in range(1, len(text) - width)
+        if text[i : i + width].isascii() and text[i : i + width].isprintable() and text[i : i + width] not in text[:i]
+    )
 
 
 def test_stop_string_split_across_tokens_never_reaches_the_client(server):
     body = {"prompt": "stop here", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
     full = complete(server, **body)["choices"][0]["text"]
     i = printable_window(full, 3)  # 3 characters = 3 byte tokens: the stop string spans chunks
-    stop = full[i:i + 3]
+    stop = full[i : i + 3]
     events = stream_completion(server, {**body, "stop": [stop, "never appears"]})
     chunks = [c["text"] for e in events for c in e["choices"]]
     assert "".join(chunks) == full[:i]
@@ -372,8 +420,14 @@ def test_logprobs_and_echo_match_the_models_logits(server, local_model):
         # many byte tokens decode to the same U+FFFD string, so the top-3 dict may hold fewer keys
         assert max(lp["top_logprobs"][t].values()) == pytest.approx(float(want[t - 1].max()), abs=1e-4)
     assert lp["tokens"][:n_prompt] == [m.tokenizer.decode([i]) for i in ids]
-    chat = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
-                                                 max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    chat = server.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     chat_ids = m.tokenizer.encode_chat([{"role": "user", "content": prompt}])
     content = chat.choices[0].logprobs.content
     [gen] = generate(m.model, m.mesh, [chat_ids], SamplingParams(4, temperature=0.0), m.tokenizer.stop_ids)
@@ -385,21 +439,24 @@ def test_logprobs_and_echo_match_the_models_logits(server, local_model):
         assert len(entry.top_logprobs) == 2
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "top_p": 1.5}, "top_p"),
-    ({"prompt": "x", "n": 5}, "n"),  # 4 slots
-    ({"prompt": "x", "stop": [""]}, "stop"),
-    ({"prompt": "x", "logprobs": 21}, "logprobs"),
-    ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": [1, 2, 999]}, "prompt"),
-    ({"prompt": {"text": "x"}}, "prompt"),
-    ({"prompt": "x" * 8180, "max_tokens": 25}, "max_tokens"),  # 8180 + 25 > runtime.max_seq_len=8192
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "n": 5}, "n"),  # 4 slots
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, 2, 999]}, "prompt"),
+        ({"prompt": {"text": "x"}}, "prompt"),
+        ({"prompt": "x" * 8180, "max_tokens": 25}, "max_tokens"),  # 8180 + 25 > runtime.max_seq_len=8192
+    ],
+)
 def test_bad_completion_requests_are_400_naming_the_key(server, body, param):
     r = server.post("/v1/completions", body)
     assert r.status_code == 400, r.text
@@ -442,8 +499,13 @@ def test_full_queue_is_429_and_disconnects_free_the_slots(server):
 
     Each stream asks for 8000 tokens, many seconds of work; closed, their slots are free well before that.
     """
-    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 8000, "ignore_eos": True,
-            "stream": True, "temperature": 0}
+    body = {
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 8000,
+        "ignore_eos": True,
+        "stream": True,
+        "temperature": 0,
+    }
     readers = []  # a dropped line iterator closes its connection: keep them until the end
     with contextlib.ExitStack() as open_streams:
         for _ in range(8):
@@ -471,6 +533,7 @@ def test_non_streamed_disconnect_frees_the_slot(server):
 
 # --- the embedded model: its name, its chat template, loading ---
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -480,10 +543,27 @@ def free_port() -> int:
 def test_embedded_model_name_chat_template_and_loading(smollm2_gguf):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "llama3_dist", "serve", "--port", str(port), "--set",
-                             "runtime.compile=false", "--set", "runtime.max_seq_len=256", "--set",
-                             "runtime.max_batch_size=2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama3_dist",
+            "serve",
+            "--port",
+            str(port),
+            "--set",
+            "runtime.compile=false",
+            "--set",
+            "runtime.max_seq_len=256",
+            "--set",
+            "runtime.max_batch_size=2",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         assert any("loading the model" in proc.stderr.readline() for _ in range(20))
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
@@ -495,15 +575,22 @@ def test_embedded_model_name_chat_template_and_loading(smollm2_gguf):
             if "listening on" in line or time.monotonic() > deadline:
                 break
         assert line.strip() == f"listening on http://127.0.0.1:{port}"
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
-                               timeout=REQUEST_TIMEOUT_S)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=REQUEST_TIMEOUT_S
+        )
         assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
         messages = [{"role": "user", "content": "What is the capital of France?"}]
-        got = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=8,
-                                             temperature=0)
+        got = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=messages, max_tokens=8, temperature=0
+        )
         m = assemble(load_config(None, ["runtime.max_seq_len=256"]))
-        [want] = generate(m.model, m.mesh, [m.tokenizer.encode_chat(messages)], SamplingParams(8, temperature=0.0),
-                          m.tokenizer.stop_ids)
+        [want] = generate(
+            m.model,
+            m.mesh,
+            [m.tokenizer.encode_chat(messages)],
+            SamplingParams(8, temperature=0.0),
+            m.tokenizer.stop_ids,
+        )
         assert got.choices[0].message.content == m.tokenizer.decode(want.tokens)
         assert "Paris" in got.choices[0].message.content
     finally:
@@ -536,9 +623,11 @@ def assert_same(got: list[dict], want: list[dict]) -> None:
             assert g["logprobs"]["token_logprobs"] == pytest.approx(w["logprobs"]["token_logprobs"], abs=1e-4)
 
 
-@pytest.mark.parametrize("layout, idle_s", [(["parallel.tensor=2"], 3),
-                                            (["parallel.pipeline=2", "runtime.timeout_s=12"], 14)],
-                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "layout, idle_s",
+    [(["parallel.tensor=2"], 3), (["parallel.pipeline=2", "runtime.timeout_s=12"], 14)],
+    ids=["tp2", "pp2"],
+)
 def test_torchrun_layouts_give_the_one_process_tokens(server, tiny_gguf, layout, idle_s):
     want = layout_outputs(server)
     sets = [x for kv in TINY_SETS + layout for x in ("--set", kv)]
@@ -559,8 +648,7 @@ def test_torchrun_layouts_give_the_one_process_tokens(server, tiny_gguf, layout,
 
 def killed_rank_ends_the_server(dist: Server) -> None:
     """SIGKILL rank 1 mid-stream: the client gets an error (not a hang), the job exits non-zero within 30 s."""
-    rank1 = next(p for p in psutil.Process(dist.proc.pid).children(recursive=True)
-                 if p.environ().get("RANK") == "1")
+    rank1 = next(p for p in psutil.Process(dist.proc.pid).children(recursive=True) if p.environ().get("RANK") == "1")
     body = {"prompt": "killed", "max_tokens": 8000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{dist.url}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -569,16 +657,25 @@ def killed_rank_ends_the_server(dist: Server) -> None:
         killed = time.monotonic()
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest, "the stream closed without a word"
-    assert "error" in json.loads(rest[-1][len("data: "):]) or rest[-1] != "data: [DONE]"
+    assert "error" in json.loads(rest[-1][len("data: ") :]) or rest[-1] != "data: [DONE]"
     assert dist.proc.wait(30) != 0
     assert time.monotonic() - killed < 30
 
 
 # --- bench --serve against the running server: a smoke run, no timing asserts ---
 
+
 def test_bench_serve_runs_end_to_end(server, tiny_gguf):
-    args = argparse.Namespace(serve=server.url, clients="1,2", prompt_len=16, new_tokens=4, threads=1, eager=True,
-                              set=[f"model.checkpoint={tiny_gguf}"], timeout=REQUEST_TIMEOUT_S)
+    args = argparse.Namespace(
+        serve=server.url,
+        clients="1,2",
+        prompt_len=16,
+        new_tokens=4,
+        threads=1,
+        eager=True,
+        set=[f"model.checkpoint={tiny_gguf}"],
+        timeout=REQUEST_TIMEOUT_S,
+    )
     result = run_serving_bench(args)
     assert [r["clients"] for r in result["rounds"]] == [1, 2]
     for r in result["rounds"]:
@@ -589,11 +686,13 @@ def test_bench_serve_runs_end_to_end(server, tiny_gguf):
 
 # --- last: SIGTERM ends the one-process server cleanly ---
 
+
 def test_sigterm_stops_taking_requests_and_exits_0(server):
     """The in-flight request (seconds of work) finishes within serve.shutdown_grace_s; a new one is refused."""
     body = {"prompt": "finish me", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True},
-                      timeout=REQUEST_TIMEOUT_S) as r:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=REQUEST_TIMEOUT_S
+    ) as r:
         lines = r.iter_lines()
         next(lines)
         server.proc.send_signal(signal.SIGTERM)

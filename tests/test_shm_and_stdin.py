@@ -1,5 +1,6 @@
 """Machinery that must not leak or collide: shared-memory segments (owner-only, unlinked, stale ones
 removed, refused off x86), two jobs on one host, and stdin read by rank 0 alone under torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ def test_a_segment_is_created_owner_only():
 
 def _segments_after_setup(mesh: Mesh):
     from llama3_dist.parallel.comm import all_reduce
+
     x = all_reduce(torch.ones(3), mesh.tp)  # through the segment
     return mesh.tp.shm is not None, x.tolist(), os.getpid(), our_segments(os.getpid())
 
@@ -63,10 +65,13 @@ def test_segments_are_unlinked_once_every_rank_has_mapped_them():
 
 def test_a_segment_left_by_a_killed_job_is_removed_by_the_next_one():
     # a process that dies by SIGKILL between creating its segment and unlinking it
-    code = "from llama3_dist.parallel import shm; print(shm.create_segment(1 << 20)[0], flush=True); " \
-           "import time; time.sleep(120)"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV,
-                            stdin=subprocess.DEVNULL)
+    code = (
+        "from llama3_dist.parallel import shm; print(shm.create_segment(1 << 20)[0], flush=True); "
+        "import time; time.sleep(120)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV, stdin=subprocess.DEVNULL
+    )
     try:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
@@ -82,8 +87,9 @@ def test_a_segment_left_by_a_killed_job_is_removed_by_the_next_one():
 
 
 def test_stale_cleanup_keeps_the_segments_of_live_processes(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, timeout=60).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60
+    ).stdout.strip()
     (tmp_path / f"{shm.PREFIX}{dead}-ab12").write_bytes(b"x")
     (tmp_path / f"{shm.PREFIX}{os.getpid()}-cd34").write_bytes(b"x")
     (tmp_path / "someone-else").write_bytes(b"x")
@@ -119,6 +125,7 @@ def test_shm_is_refused_where_stores_are_not_ordered_like_x86(monkeypatch, reque
 
 def _without_room(mesh: Mesh):
     from llama3_dist.parallel.comm import all_reduce
+
     shm.create_segment = lambda nbytes: (None, "test: /dev/shm has no room")
     again = mesh_module.build_mesh(2, 1, torch.device("cpu"), shm=True, timeout_s=60)
     return again.tp.shm is None, all_reduce(torch.ones(2), again.tp).tolist()
@@ -129,16 +136,37 @@ def test_no_room_for_a_segment_falls_back_to_gloo_on_every_rank():
 
 
 def torchrun(nproc: int, *args: str, stdin: str | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "llama3_dist", "generate", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "llama3_dist",
+        "generate",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+    )
 
 
 def single(tiny: Path, prompt: str) -> list[int]:
-    r = subprocess.run([sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(tiny),
-                        "--prompt", prompt, *ARGS], capture_output=True, text=True, timeout=120, env=ENV,
-                       stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(tiny), "--prompt", prompt, *ARGS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["tokens"]
 
@@ -155,8 +183,21 @@ def test_only_rank0_reads_stdin_and_broadcasts_the_prompt(tiny):
 
 
 def test_two_jobs_on_one_host_at_once_do_not_collide(tiny):
-    jobs = [torchrun(2, "--checkpoint", str(tiny), "--set", "parallel.tensor=2", "--set",
-                     "parallel.collectives=shm", "--prompt", p, *ARGS) for p in ("first job", "second job")]
+    jobs = [
+        torchrun(
+            2,
+            "--checkpoint",
+            str(tiny),
+            "--set",
+            "parallel.tensor=2",
+            "--set",
+            "parallel.collectives=shm",
+            "--prompt",
+            p,
+            *ARGS,
+        )
+        for p in ("first job", "second job")
+    ]
     try:
         outs = [j.communicate(timeout=240) for j in jobs]
     finally:

@@ -1,5 +1,6 @@
 """Tensor parallelism on real gloo ranks: the parallel layers == the dense layer (uneven splits too) and
 fairscale's layers; every TP degree gives TP=1's logits and greedy tokens, and each rank loads only its part."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,15 @@ from helpers.parity import BATCH, GREEDY, TOL, logits_and_tokens
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.generate import SamplingParams, generate
-from llama3_dist.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                         VocabParallelHead, even_split, head_spans, shard)
+from llama3_dist.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+    even_split,
+    head_spans,
+    shard,
+)
 from llama3_dist.parallel.mesh import Mesh
 
 LAYER_TOL = 1e-5
@@ -180,6 +188,7 @@ def test_real_smollm2_at_tp_matches_tp1(smollm2_gguf, tp):
 
 def _load_peak_mib(mesh: Mesh, path: str) -> tuple[float, float]:
     """(peak RSS growth while loading, this rank's parameter MiB): the high-water mark is reset first."""
+
     def status(key: str) -> float:
         line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
         return int(line.split()[1]) / 1024
@@ -194,8 +203,17 @@ def _load_peak_mib(mesh: Mesh, path: str) -> tuple[float, float]:
 
 def test_tp2_loads_about_half_the_memory_per_rank(tmp_path):
     from llama3_dist.checkpoint.synthetic import write_random_meta
-    params = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 2, "vocab_size": 32000,
-              "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 500000.0}
+
+    params = {
+        "dim": 512,
+        "n_layers": 8,
+        "n_heads": 8,
+        "n_kv_heads": 2,
+        "vocab_size": 32000,
+        "multiple_of": 256,
+        "norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+    }
     path = str(write_random_meta(tmp_path / "m", params, dtype=torch.float32))  # ~220 MiB of fp32
     [(tp1_peak, tp1_params)] = run_ranks(_load_peak_mib, 1, path)
     for tp2_peak, tp2_params in run_ranks(_load_peak_mib, 2, path):

@@ -114,7 +114,7 @@ def test_llama3_chat_matches_meta_chat_format(llama3, monkeypatch):
         {"role": "user", "content": "Say <|eot_id|> twice.\nThen stop."},
         {"role": "assistant", "content": "<|eot_id|> <|eot_id|>"},
         {"role": "user", "content": "Thanks 🙂"},
-        {"role": "tool", "content": "{\"result\": 42}"},
+        {"role": "tool", "content": '{"result": 42}'},
     ]
     expected = chat_format.encode_dialog_prompt([RawMessage(**m) for m in messages]).tokens
     assert llama3.encode_chat(messages) == expected

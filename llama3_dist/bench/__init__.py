@@ -3,6 +3,7 @@
 run.py: settings, launching the workers, bandwidth, the summary table; engines.py: the per-engine workers
 (`python -m llama3_dist.bench`); convert.py: the peers' checkpoints (transformers model, dense GGUF).
 """
+
 from .convert import checkpoint_for, hf_model_from, write_dense_gguf
 from .engines import DTYPES, open_bench_checkpoint, prompt_ids, wait, worker
 from .run import run_bench, table

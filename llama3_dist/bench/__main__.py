@@ -1,4 +1,5 @@
 """`python -m llama3_dist.bench ENGINE ...`: one bench worker, the process `run.launch` starts per engine."""
+
 import sys
 
 from .engines import worker

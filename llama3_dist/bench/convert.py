@@ -1,4 +1,5 @@
 """Checkpoints for the bench's peers: our weights as a transformers model or a dense GGUF for llama.cpp."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,13 +29,26 @@ def hf_model_from(ckpt, dtype: torch.dtype, device: str = "cpu"):
     rope = {"rope_type": "default", "rope_theta": a.rope_theta}
     if a.rope_scaling is not None:
         s = a.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
-    cfg = LlamaConfig(hidden_size=a.dim, num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
-                      num_key_value_heads=a.n_kv_heads, intermediate_size=a.hidden_dim, vocab_size=a.vocab_size,
-                      rms_norm_eps=a.norm_eps, tie_word_embeddings=a.tie_embeddings, rope_parameters=rope,
-                      max_position_embeddings=a.max_position_embeddings or 8192)
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": a.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+    cfg = LlamaConfig(
+        hidden_size=a.dim,
+        num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        intermediate_size=a.hidden_dim,
+        vocab_size=a.vocab_size,
+        rms_norm_eps=a.norm_eps,
+        tie_word_embeddings=a.tie_embeddings,
+        rope_parameters=rope,
+        max_position_embeddings=a.max_position_embeddings or 8192,
+    )
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
@@ -67,10 +81,16 @@ def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
     a = ckpt.args
     model = load_model(ckpt, Mesh.single(), torch.float32)
     w = gguf.GGUFWriter(out, arch="llama")
-    for key, value in ((gguf.Keys.LLM.BLOCK_COUNT, a.n_layers), (gguf.Keys.LLM.EMBEDDING_LENGTH, a.dim),
-                       (gguf.Keys.LLM.FEED_FORWARD_LENGTH, a.hidden_dim), (gguf.Keys.LLM.CONTEXT_LENGTH, 8192),
-                       (gguf.Keys.Attention.HEAD_COUNT, a.n_heads), (gguf.Keys.Attention.HEAD_COUNT_KV, a.n_kv_heads),
-                       (gguf.Keys.LLM.VOCAB_SIZE, a.vocab_size), (gguf.Keys.Rope.DIMENSION_COUNT, a.hd)):
+    for key, value in (
+        (gguf.Keys.LLM.BLOCK_COUNT, a.n_layers),
+        (gguf.Keys.LLM.EMBEDDING_LENGTH, a.dim),
+        (gguf.Keys.LLM.FEED_FORWARD_LENGTH, a.hidden_dim),
+        (gguf.Keys.LLM.CONTEXT_LENGTH, 8192),
+        (gguf.Keys.Attention.HEAD_COUNT, a.n_heads),
+        (gguf.Keys.Attention.HEAD_COUNT_KV, a.n_kv_heads),
+        (gguf.Keys.LLM.VOCAB_SIZE, a.vocab_size),
+        (gguf.Keys.Rope.DIMENSION_COUNT, a.hd),
+    ):
         w.add_uint32(key.format(arch="llama"), value)
     w.add_float32(gguf.Keys.Rope.FREQ_BASE.format(arch="llama"), a.rope_theta)
     w.add_float32(gguf.Keys.Attention.LAYERNORM_RMS_EPS.format(arch="llama"), a.norm_eps)
@@ -85,8 +105,11 @@ def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
         gname = gguf_name(name)
         data = p.detach().numpy().astype(np.float32)
         if dtype == "bfloat16" and data.ndim == 2:
-            w.add_tensor(gname, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
-                         raw_dtype=gguf.GGMLQuantizationType.BF16)
+            w.add_tensor(
+                gname,
+                gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
+                raw_dtype=gguf.GGMLQuantizationType.BF16,
+            )
         else:
             w.add_tensor(gname, data)
     w.write_header_to_file()

@@ -2,6 +2,7 @@
 
 Every engine gets the same prompt ids and decodes greedily; a worker prints one `BENCH {json}` line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,7 @@ from ..log import peak_rss_bytes
 from ..parallel.mesh import shutdown
 from .convert import hf_model_from
 
+
 def prompt_ids(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
     """The same pseudo-random prompt ids for every engine (content does not change the speed)."""
     g = torch.Generator().manual_seed(seed)
@@ -39,10 +41,17 @@ def open_bench_checkpoint(path: str, device: str):
 
 def run_ours(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
-    cfg = load_config(None, [f"parallel.tensor={world}", f"runtime.device={args.device}", f"runtime.dtype={args.dtype}",
-                             f"runtime.compile={str(args.compile).lower()}",
-                             f"runtime.cuda_graphs={str(args.graphs).lower()}",
-                             "runtime.weights=float"])  # the dense weights transformers and llama.cpp get
+    cfg = load_config(
+        None,
+        [
+            f"parallel.tensor={world}",
+            f"runtime.device={args.device}",
+            f"runtime.dtype={args.dtype}",
+            f"runtime.compile={str(args.compile).lower()}",
+            f"runtime.cuda_graphs={str(args.graphs).lower()}",
+            "runtime.weights=float",
+        ],
+    )  # the dense weights transformers and llama.cpp get
     ready = assemble(cfg, open_bench_checkpoint(args.checkpoint, args.device), tokenizer=False)
     mesh, model, ckpt = ready.mesh, ready.model, ready.ckpt
     prompts = prompt_ids(ckpt.args.vocab_size, args.batch, args.prompt_len)
@@ -55,11 +64,17 @@ def run_ours(args) -> dict:
         table = 0
     else:  # the untied embedding table is not read by a decode step, one row of it is
         table = model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
-    out = {"prefill_ms": done[0].prefill_ms, "decode_tok_s": done[0].decode_tokens_per_s * args.batch,
-           "tokens": [c.tokens for c in done], "peak_rss": peak_rss_bytes(), "peak_gpu": peak_gpu_bytes(),
-           "read_bytes_per_step": (weights - table) * mesh.world_size,
-           "kv_bytes_per_step": kv_bytes(ckpt.args, args), "rank": mesh.rank,
-           "kernels": kernels.variant() if mesh.device.type == "cpu" else None}
+    out = {
+        "prefill_ms": done[0].prefill_ms,
+        "decode_tok_s": done[0].decode_tokens_per_s * args.batch,
+        "tokens": [c.tokens for c in done],
+        "peak_rss": peak_rss_bytes(),
+        "peak_gpu": peak_gpu_bytes(),
+        "read_bytes_per_step": (weights - table) * mesh.world_size,
+        "kv_bytes_per_step": kv_bytes(ckpt.args, args),
+        "rank": mesh.rank,
+        "kernels": kernels.variant() if mesh.device.type == "cpu" else None,
+    }
     shutdown()
     return out
 
@@ -99,8 +114,13 @@ def run_transformers(args) -> dict:
             tokens.append(nxt)
         wait(args.device)
         decode = time.perf_counter() - start
-    return {"prefill_ms": prefill * 1e3, "decode_tok_s": (args.new_tokens - 1) * args.batch / decode,
-            "tokens": torch.cat(tokens, 1).tolist(), "peak_rss": peak_rss_bytes(), "peak_gpu": peak_gpu_bytes()}
+    return {
+        "prefill_ms": prefill * 1e3,
+        "decode_tok_s": (args.new_tokens - 1) * args.batch / decode,
+        "tokens": torch.cat(tokens, 1).tolist(),
+        "peak_rss": peak_rss_bytes(),
+        "peak_gpu": peak_gpu_bytes(),
+    }
 
 
 def run_gpt_fast(args) -> dict:
@@ -111,6 +131,7 @@ def run_gpt_fast(args) -> dict:
     sys.path.insert(0, args.gpt_fast_dir)
     import generate as gf  # gpt-fast's generate.py: sets its inductor options on import
     from model import Transformer
+
     name = args.checkpoint.removeprefix("random:").replace("llama3", "llama-3")  # llama3-8b -> llama-3-8b
     B, T, N = args.batch, args.prompt_len, args.new_tokens
     with torch.device(args.device):
@@ -139,14 +160,26 @@ def run_gpt_fast(args) -> dict:
 
     run()  # compiles
     prefill, decode_s, tokens = run()
-    return {"prefill_ms": prefill * 1e3, "decode_tok_s": (N - 1) * B / decode_s,
-            "tokens": torch.cat(tokens, 1).tolist(), "peak_rss": peak_rss_bytes(), "peak_gpu": peak_gpu_bytes()}
+    return {
+        "prefill_ms": prefill * 1e3,
+        "decode_tok_s": (N - 1) * B / decode_s,
+        "tokens": torch.cat(tokens, 1).tolist(),
+        "peak_rss": peak_rss_bytes(),
+        "peak_gpu": peak_gpu_bytes(),
+    }
 
 
 def run_llama_cpp(args) -> dict:
     from llama_cpp import Llama
-    llm = Llama(model_path=args.checkpoint, n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=args.threads,
-                n_threads_batch=args.threads, n_batch=512, verbose=False)
+
+    llm = Llama(
+        model_path=args.checkpoint,
+        n_ctx=args.prompt_len + args.new_tokens + 8,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        n_batch=512,
+        verbose=False,
+    )
     n_vocab = llm.n_vocab()
 
     def next_token() -> int:  # the last evaluated position's logits (llama.cpp computes only those)
@@ -166,8 +199,12 @@ def run_llama_cpp(args) -> dict:
         nxt = next_token()
         tokens.append(nxt)
     decode = time.perf_counter() - start
-    return {"prefill_ms": prefill * 1e3, "decode_tok_s": (args.new_tokens - 1) / decode, "tokens": [tokens],
-            "peak_rss": peak_rss_bytes()}
+    return {
+        "prefill_ms": prefill * 1e3,
+        "decode_tok_s": (args.new_tokens - 1) / decode,
+        "tokens": [tokens],
+        "peak_rss": peak_rss_bytes(),
+    }
 
 
 def worker(argv: list[str]) -> int:
@@ -190,4 +227,3 @@ def worker(argv: list[str]) -> int:
     if result.get("rank", 0) == 0:
         print("BENCH " + json.dumps(result), flush=True)
     return 0
-

@@ -5,6 +5,7 @@ those of that engine alone. Every engine gets the same prompt ids and decodes gr
 bandwidth of this machine is measured in the same run: it varies from run to run here, and the
 roofline (bytes read per decode step / bandwidth) is only meaningful against today's figure.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,8 +35,15 @@ class Setting:
 
 def settings(quick: bool, device: str = "cpu") -> list[Setting]:
     if device == "cuda":  # random weights at Llama 3 8B's real widths, all 32 layers, drawn on the GPU
-        return [Setting("Llama-3-8B shape bf16 b1", "llama3-8b", "bfloat16", 1,
-                        ("ours", "ours-graphs", "ours-eager", "transformers", "gpt-fast"))]
+        return [
+            Setting(
+                "Llama-3-8B shape bf16 b1",
+                "llama3-8b",
+                "bfloat16",
+                1,
+                ("ours", "ours-graphs", "ours-eager", "transformers", "gpt-fast"),
+            )
+        ]
     both = ("ours", "transformers", "llama.cpp")
     full = [
         Setting("SmolLM2 fp32 b1", "smollm2", "float32", 1, both),
@@ -59,8 +67,10 @@ def read_bandwidth(seconds: float = 1.5, device: str = "cpu") -> float:
     readers = [lambda: x.sum()]
     if kernels.load() is not None:  # the kernel's fp32 and bf16 streams, over the same 1 GiB
         w32, w16 = x.view(2**16, 2**12), x.view(torch.bfloat16).view(2**16, 2**13)
-        readers += [lambda: kernels.gemv(torch.ones(1, 2**12), w32),
-                    lambda: kernels.gemv(torch.ones(1, 2**13, dtype=torch.bfloat16), w16)]
+        readers += [
+            lambda: kernels.gemv(torch.ones(1, 2**12), w32),
+            lambda: kernels.gemv(torch.ones(1, 2**13, dtype=torch.bfloat16), w16),
+        ]
     best = 0.0
     for read in readers:
         read()
@@ -96,8 +106,20 @@ def launch(engine: str, ckpt: str, s: Setting, args) -> dict:
     ours-eager: neither.
     """
     device = getattr(args, "device", "cpu")
-    common = ["--checkpoint", ckpt, "--dtype", s.dtype, "--batch", str(s.batch), "--device", device,
-              "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    common = [
+        "--checkpoint",
+        ckpt,
+        "--dtype",
+        s.dtype,
+        "--batch",
+        str(s.batch),
+        "--device",
+        device,
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+    ]
     if engine in ("ours", "ours-tp2") and not args.eager:
         common.append("--compile")
     if engine in ("ours", "ours-graphs") and device == "cuda":
@@ -105,8 +127,20 @@ def launch(engine: str, ckpt: str, s: Setting, args) -> dict:
     if engine == "gpt-fast":
         common += ["--gpt-fast-dir", str(Path(args.gpt_fast).resolve())]
     if engine == "ours-tp2":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "llama3_dist.bench", "ours", *common, "--threads", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "llama3_dist.bench",
+            "ours",
+            *common,
+            "--threads",
+            "1",
+        ]
     else:
         worker_engine = "ours" if engine.startswith("ours") else engine
         cmd = [sys.executable, "-m", "llama3_dist.bench", worker_engine, *common, "--threads", str(args.threads)]
@@ -115,7 +149,7 @@ def launch(engine: str, ckpt: str, s: Setting, args) -> dict:
     if r.returncode != 0 or line is None:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"{engine} failed: {tail}"}
-    return json.loads(line[len("BENCH "):])
+    return json.loads(line[len("BENCH ") :])
 
 
 def have_llama_cpp() -> bool:
@@ -131,8 +165,10 @@ def run_bench(args) -> list[dict]:
     if gpt_fast and device != "cuda":
         raise UserError("bench --gpt-fast: gpt-fast is a GPU peer; add --device cuda")
     if gpt_fast and not (Path(gpt_fast) / "generate.py").is_file():
-        raise UserError(f"bench --gpt-fast {gpt_fast}: no generate.py there; give a gpt-fast checkout "
-                        f"(github.com/pytorch-labs/gpt-fast)")
+        raise UserError(
+            f"bench --gpt-fast {gpt_fast}: no generate.py there; give a gpt-fast checkout "
+            f"(github.com/pytorch-labs/gpt-fast)"
+        )
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         for s in settings(args.quick, device):
@@ -152,8 +188,15 @@ def run_bench(args) -> list[dict]:
 
 def summarize(s: Setting, results: dict, bandwidth: float, args) -> dict:
     ours = results.get("ours", {})
-    row = {"setting": s.name, "dtype": s.dtype, "batch": s.batch, "bandwidth_gb_s": bandwidth / 1e9,
-           "cpu_isa": kernels.isa_summary(), "kernels": ours.get("kernels"), "engines": {}}
+    row = {
+        "setting": s.name,
+        "dtype": s.dtype,
+        "batch": s.batch,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "cpu_isa": kernels.isa_summary(),
+        "kernels": ours.get("kernels"),
+        "engines": {},
+    }
     for engine, r in results.items():
         if "error" in r:
             row["engines"][engine] = r
@@ -186,8 +229,17 @@ def same(e: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["setting", "engine", "prefill ms", "decode tok/s", "ours/peer decode", "ours/peer prefill",
-            "% roofline", "peak RSS MiB", "same tokens"]
+    head = [
+        "setting",
+        "engine",
+        "prefill ms",
+        "decode tok/s",
+        "ours/peer decode",
+        "ours/peer prefill",
+        "% roofline",
+        "peak RSS MiB",
+        "same tokens",
+    ]
     gpu = any(e.get("peak_gpu") for row in rows for e in row["engines"].values())
     if gpu:
         head.insert(-1, "peak GPU MiB")
@@ -197,18 +249,27 @@ def table(rows: list[dict]) -> str:
             if "error" in e:
                 body.append([row["setting"], engine, e["error"], *[""] * (len(head) - 3)])
                 continue
-            body.append([row["setting"], engine, f"{e['prefill_ms']:.1f}", f"{e['decode_tok_s']:.1f}",
-                         f"{e['ours_decode_ratio']:.2f}x" if "ours_decode_ratio" in e else "",
-                         f"{e['ours_prefill_ratio']:.2f}x" if "ours_prefill_ratio" in e else "",
-                         f"{e['roofline_pct']:.0f}%" if "roofline_pct" in e else "",
-                         f"{e['peak_rss'] / 2**20:.0f}" if e.get("peak_rss") else "",
-                         *([f"{e['peak_gpu'] / 2**20:.0f}" if e.get("peak_gpu") else ""] if gpu else []),
-                         same(e)])
+            body.append(
+                [
+                    row["setting"],
+                    engine,
+                    f"{e['prefill_ms']:.1f}",
+                    f"{e['decode_tok_s']:.1f}",
+                    f"{e['ours_decode_ratio']:.2f}x" if "ours_decode_ratio" in e else "",
+                    f"{e['ours_prefill_ratio']:.2f}x" if "ours_prefill_ratio" in e else "",
+                    f"{e['roofline_pct']:.0f}%" if "roofline_pct" in e else "",
+                    f"{e['peak_rss'] / 2**20:.0f}" if e.get("peak_rss") else "",
+                    *([f"{e['peak_gpu'] / 2**20:.0f}" if e.get("peak_gpu") else ""] if gpu else []),
+                    same(e),
+                ]
+            )
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
     if rows:
         gbs = ", ".join(f"{r['bandwidth_gb_s']:.1f}" for r in rows)
         lines.append(f"read bandwidth measured before each setting (GB/s): {gbs}")
-        lines.append(f"CPU instruction sets: {rows[0]['cpu_isa']}; decode kernels: "
-                     f"{', '.join(sorted({str(r['kernels']) for r in rows}))}")
+        lines.append(
+            f"CPU instruction sets: {rows[0]['cpu_isa']}; decode kernels: "
+            f"{', '.join(sorted({str(r['kernels']) for r in rows}))}"
+        )
     return "\n".join(lines)

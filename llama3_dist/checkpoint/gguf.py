@@ -5,6 +5,7 @@ llama.cpp's converter stores wq/wk rows in Meta's interleaved rotary order, so o
 Quantized rows are whole blocks of a row, so a row slice reads just its rows' bytes, and a column
 slice reads just its blocks when it falls on block boundaries.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,12 +25,22 @@ from ..kernels.quant import dequantize as dequantize_blocks
 from ..tokenizer import gguf_tokenizer
 from .base import Checkpoint, release_pages
 
-SUPPORTED = {GGMLQuantizationType[n] for n in
-             ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")}
+SUPPORTED = {
+    GGMLQuantizationType[n]
+    for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+}
 NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
-LAYER_NAMES = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
-               "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
-               "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+LAYER_NAMES = {
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
 _GGUF_TOP = {meta: g for g, meta in NAMES.items()}
 _GGUF_LAYER = {meta: g for g, meta in LAYER_NAMES.items()}
 BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight$")
@@ -62,14 +73,16 @@ class GGUFCheckpoint(Checkpoint):
         try:
             self.reader = GGUFReader(path)
         except (ValueError, OSError, IndexError, KeyError) as e:
-            raise CheckpointError(f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt, "
-                                  f"copy it again") from None
+            raise CheckpointError(
+                f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt, copy it again"
+            ) from None
         self.tensors = {meta_name(t.name): t for t in self.reader.tensors if t.name != ROPE_FREQS}
-        for name, t in self.tensors.items():
+        for t in self.tensors.values():
             if t.tensor_type not in SUPPORTED:
                 raise CheckpointError(
                     f"{path}: tensor {t.name} uses GGUF type {t.tensor_type.name}, which is not supported "
-                    f"(supported: {', '.join(sorted(q.name for q in SUPPORTED))}); re-quantize to Q8_0 or F16")
+                    f"(supported: {', '.join(sorted(q.name for q in SUPPORTED))}); re-quantize to Q8_0 or F16"
+                )
         self.args = self._args()
 
     def field(self, key: str, default=None):
@@ -125,7 +138,7 @@ class GGUFCheckpoint(Checkpoint):
             stop = int(t.shape[0]) if stop is None else stop
             if start % block or stop % block:
                 raise ValueError(f"{name}: columns {start}:{stop} do not fall on {block}-element blocks")
-            data = data[:, start // block * nbytes: stop // block * nbytes]
+            data = data[:, start // block * nbytes : stop // block * nbytes]
         out = torch.from_numpy(np.array(data, dtype=np.uint8))  # a copy of just this slice
         release_pages(t.data.ctypes.data, t.data.nbytes)
         return out
@@ -148,7 +161,7 @@ class GGUFCheckpoint(Checkpoint):
             if data.dtype != np.uint8:  # F32 / F16 come as typed element arrays
                 block = nbytes = 1
             if start % block == 0 and stop % block == 0:  # whole blocks: read only these columns
-                out = dequantize(data[:, start // block * nbytes: stop // block * nbytes], qtype)
+                out = dequantize(data[:, start // block * nbytes : stop // block * nbytes], qtype)
             else:
                 out = dequantize(data, qtype)[:, start:stop]
         out = torch.from_numpy(np.array(out, dtype=np.float32))  # a copy: the file stays read-only

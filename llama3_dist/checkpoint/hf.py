@@ -5,6 +5,7 @@ parts); Meta interleaves (real, imag) pairs. Reading whole heads and un-permutin
 gives Meta's layout, so a head-aligned slice is read straight from the file. Files are read with
 plain reads at the slice's offsets, never mapped, so a rank's memory holds only what it owns.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,19 +16,27 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
 from ..args import ModelArgs, RopeScaling
+from ..errors import CheckpointError
 from ..tokenizer import hf_tokenizer
 from .base import Checkpoint
 
 LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
-    "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "output.weight"}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight$")
 
 
@@ -78,9 +87,12 @@ def config_to_args(cfg: dict) -> ModelArgs:
         n_heads = int(cfg["num_attention_heads"])
         scaling = None
         if kind == "llama3":
-            scaling = RopeScaling(float(rope["factor"]), float(rope.get("low_freq_factor", 1.0)),
-                                  float(rope.get("high_freq_factor", 4.0)),
-                                  int(rope.get("original_max_position_embeddings", 8192)))
+            scaling = RopeScaling(
+                float(rope["factor"]),
+                float(rope.get("low_freq_factor", 1.0)),
+                float(rope.get("high_freq_factor", 4.0)),
+                int(rope.get("original_max_position_embeddings", 8192)),
+            )
         return ModelArgs(
             dim=int(cfg["hidden_size"]),
             n_layers=int(cfg["num_hidden_layers"]),
@@ -114,22 +126,26 @@ class SafetensorsFile:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 if n > size - 8:
-                    raise CheckpointError(f"{path}: not a safetensors file (its header length {n} exceeds the "
-                                          f"file's {size} bytes); {fix}")
+                    raise CheckpointError(
+                        f"{path}: not a safetensors file (its header length {n} exceeds the file's {size} bytes); {fix}"
+                    )
                 header = json.loads(f.read(n))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); {fix}") from None
         if not isinstance(header, dict) or not all(
-                isinstance(v, dict) and "data_offsets" in v and "shape" in v and "dtype" in v
-                for k, v in header.items() if k != "__metadata__"):
+            isinstance(v, dict) and "data_offsets" in v and "shape" in v and "dtype" in v
+            for k, v in header.items()
+            if k != "__metadata__"
+        ):
             raise CheckpointError(f"{path}: the safetensors header is not a table of tensors; {fix}")
         header.pop("__metadata__", None)
         self.base = 8 + n
         self.entries = header  # name -> {"dtype", "shape", "data_offsets": [begin, end]}
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self.base + end > path.stat().st_size:
-            raise CheckpointError(f"cannot read {path}: it is shorter than its header says "
-                                  f"(the file is truncated; copy it again)")
+            raise CheckpointError(
+                f"cannot read {path}: it is shorter than its header says (the file is truncated; copy it again)"
+            )
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -145,23 +161,25 @@ class SafetensorsFile:
         entry = self.entries[name]
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{self.path}: {name} has dtype {entry['dtype']}; only F32, F16 and BF16 "
-                                  f"safetensors are supported")
+            raise CheckpointError(
+                f"{self.path}: {name} has dtype {entry['dtype']}; only F32, F16 and BF16 safetensors are supported"
+            )
         shape, begin = list(entry["shape"]), entry["data_offsets"][0]
         row = dtype.itemsize * (shape[1] if len(shape) > 1 else 1)
         with open(self.path, "rb") as f:
             if dim is None or dim == 0:  # whole rows: one contiguous read
                 stop = shape[0] if stop is None or dim is None else stop
                 start = 0 if dim is None else start
-                return self._read(f, begin + start * row, (stop - start) * row).view(dtype).view(
-                    stop - start, *shape[1:])
+                return (
+                    self._read(f, begin + start * row, (stop - start) * row).view(dtype).view(stop - start, *shape[1:])
+                )
             stop = shape[1] if stop is None else stop
             out = torch.empty(shape[0], stop - start, dtype=dtype)
             step = max(1, CHUNK_BYTES // row)
             for r in range(0, shape[0], step):  # column slice: read row blocks, keep the columns
                 n = min(step, shape[0] - r)
                 block = self._read(f, begin + r * row, n * row).view(dtype).view(n, shape[1])
-                out[r: r + n] = block[:, start:stop]
+                out[r : r + n] = block[:, start:stop]
             return out
 
 
@@ -183,13 +201,15 @@ class HFCheckpoint(Checkpoint):
         elif (path / "model.safetensors").is_file():
             weight_map = None
         else:
-            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                  f"(only safetensors weights are supported)")
+            raise CheckpointError(
+                f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)"
+            )
         self.files: dict[str, SafetensorsFile] = {}
         for file in sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]:
             if not (path / file).is_file():
-                raise CheckpointError(f"{path}: shard {file} named in {index.name} is missing; copy it into "
-                                      f"this directory")
+                raise CheckpointError(
+                    f"{path}: shard {file} named in {index.name} is missing; copy it into this directory"
+                )
             self.files[file] = SafetensorsFile(path / file)
         if weight_map is None:
             weight_map = {k: "model.safetensors" for k in self.files["model.safetensors"].entries}

@@ -4,6 +4,7 @@ Shard k of an MP=N checkpoint holds rows k of the column-parallel weights (wq wk
 tok_embeddings) and columns k of the row-parallel ones (wo w2); norms are in every shard. Any
 slice a rank asks for is cut from the overlapping shards, so MP and TP degrees need not match.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
 from ..args import params_to_args
+from ..errors import CheckpointError
 from ..tokenizer import default_llama3_tokenizer_path, llama3_tokenizer
 from .base import Checkpoint, copy_out, narrow
 
@@ -41,8 +42,9 @@ class MetaCheckpoint(Checkpoint):
             raise CheckpointError(f"{path}: params.json but no consolidated.NN.pth shard files")
         for i, f in enumerate(self.files):
             if f.name != f"consolidated.{i:02d}.pth":
-                raise CheckpointError(f"{path}: shard consolidated.{i:02d}.pth is missing "
-                                      f"(found {', '.join(x.name for x in self.files)})")
+                raise CheckpointError(
+                    f"{path}: shard consolidated.{i:02d}.pth is missing (found {', '.join(x.name for x in self.files)})"
+                )
         self._shards: list[dict[str, Tensor] | None] = [None] * len(self.files)
         if params.get("vocab_size", -1) <= 0:  # Llama 2 style: take it from the embedding
             params["vocab_size"] = self._shard(0)["tok_embeddings.weight"].shape[0] * len(self.files)
@@ -56,12 +58,16 @@ class MetaCheckpoint(Checkpoint):
         if emb is None or emb.dim() != 2:
             return
         rows, cols = emb.shape
-        implied = max(self.args.vocab_size // rows if self.args.vocab_size % rows == 0 else 1,
-                      self.args.dim // cols if self.args.dim % cols == 0 else 1)
+        implied = max(
+            self.args.vocab_size // rows if self.args.vocab_size % rows == 0 else 1,
+            self.args.dim // cols if self.args.dim % cols == 0 else 1,
+        )
         if implied > len(self.files):
             missing = ", ".join(f"consolidated.{i:02d}.pth" for i in range(len(self.files), implied))
-            raise CheckpointError(f"{self.path}: the tensors are 1/{implied} of the model but only "
-                                  f"{len(self.files)} shard(s) are here; missing {missing}")
+            raise CheckpointError(
+                f"{self.path}: the tensors are 1/{implied} of the model but only "
+                f"{len(self.files)} shard(s) are here; missing {missing}"
+            )
 
     def _shard(self, i: int) -> dict[str, Tensor]:
         if self._shards[i] is None:
@@ -69,11 +75,14 @@ class MetaCheckpoint(Checkpoint):
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except pickle.UnpicklingError:
-                raise CheckpointError(f"refusing to load {f}: it holds pickled Python objects, not only tensors "
-                                      f"(torch.load weights_only=True); re-save it as a plain state dict") from None
+                raise CheckpointError(
+                    f"refusing to load {f}: it holds pickled Python objects, not only tensors "
+                    f"(torch.load weights_only=True); re-save it as a plain state dict"
+                ) from None
             except (RuntimeError, OSError, EOFError, ValueError) as e:
-                raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]} "
-                                      f"(the file is truncated or corrupt; copy it again)") from None
+                raise CheckpointError(
+                    f"cannot read {f}: {str(e).splitlines()[0]} (the file is truncated or corrupt; copy it again)"
+                ) from None
             if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
                 raise CheckpointError(f"{f}: expected a dict of tensors (a Meta state dict)")
             self._shards[i] = {k: v for k, v in sd.items() if k not in IGNORED}
@@ -97,7 +106,7 @@ class MetaCheckpoint(Checkpoint):
                 split = 1  # Llama 2's ParallelEmbedding splits the embedding dim
             else:
                 split = 0
-            full = shape if split is None else shape[:split] + (shape[split] * mp,) + shape[split + 1:]
+            full = shape if split is None else shape[:split] + (shape[split] * mp,) + shape[split + 1 :]
             self._layouts[name] = (split, full)
         return self._layouts[name]
 
@@ -114,8 +123,10 @@ class MetaCheckpoint(Checkpoint):
             stop = full[dim] if stop is None else stop
             size = full[split] // len(self.files)
             overlap = range(start // size, (stop - 1) // size + 1)  # only the shards that hold the slice
-            pieces = [narrow(self._shard(i)[name], dim, max(start, i * size) - i * size,
-                             min(stop, (i + 1) * size) - i * size) for i in overlap]
+            pieces = [
+                narrow(self._shard(i)[name], dim, max(start, i * size) - i * size, min(stop, (i + 1) * size) - i * size)
+                for i in overlap
+            ]
         pieces = [copy_out(p) for p in pieces]
         return torch.cat(pieces, dim=split) if len(pieces) > 1 else pieces[0]
 
@@ -125,4 +136,3 @@ class MetaCheckpoint(Checkpoint):
             return llama3_tokenizer(local)
         log.info("no tokenizer.model next to %s: using the Llama 3 tokenizer from llama-models", self.path)
         return llama3_tokenizer(default_llama3_tokenizer_path())
-

@@ -1,4 +1,5 @@
 """Random-weight checkpoints in Meta's format, for tests, benchmarks and memory planning at real widths."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ from .base import Checkpoint, expected_shapes, narrow
 from .meta import ROW_PARALLEL
 
 
-
-def _random(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
-            device: str | torch.device = "cpu") -> torch.Tensor:
+def _random(
+    name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """N(0, 1/fan_in) matrices and 1 + 0.1 N(0, 1) norms, seeded by (seed, name) so shards agree.
 
     The numbers depend on the device's generator: the same on every CPU, the same on every GPU.
@@ -41,7 +42,7 @@ class RandomCheckpoint(Checkpoint):
         self._shapes = expected_shapes(args)
 
     @classmethod
-    def preset(cls, name: str, device: str | torch.device = "cpu", seed: int = 0) -> "RandomCheckpoint":
+    def preset(cls, name: str, device: str | torch.device = "cpu", seed: int = 0) -> RandomCheckpoint:
         return cls(preset_args(name), device, seed, name)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -55,8 +56,9 @@ class RandomCheckpoint(Checkpoint):
         raise CheckpointError(f"{self.path} has random weights and no tokenizer; give one with model.tokenizer")
 
 
-def write_random_meta(path: str | Path, params: dict, mp: int = 1, seed: int = 0,
-                      dtype: torch.dtype = torch.bfloat16, tied: bool = False) -> Path:
+def write_random_meta(
+    path: str | Path, params: dict, mp: int = 1, seed: int = 0, dtype: torch.dtype = torch.bfloat16, tied: bool = False
+) -> Path:
     """Write params.json and consolidated.00..{mp-1}.pth of random weights, split the way Meta splits them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

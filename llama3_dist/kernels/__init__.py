@@ -21,6 +21,7 @@ killed build cannot block later runs: the flock dies with its process, and torch
 left in the folder is removed by whoever holds the flock. If the build fails (no compiler) or the
 wait times out, decode stays on F.linear, with one warning.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -45,8 +46,16 @@ CHOICES = ("auto", *VARIANTS, "torch")
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx2", "fma")
 REQUIRES = {"avx512bf16": (*_AVX512, "avx512_bf16"), "avx512": _AVX512, "avx2": ("avx2", "fma", "f16c"), "portable": ()}
 CFLAGS = {
-    "avx512bf16": ["-DL3D_AVX512BF16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx2", "-mfma",
-                   "-mf16c"],
+    "avx512bf16": [
+        "-DL3D_AVX512BF16",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512bf16",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+    ],
     "avx512": ["-DL3D_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
     "avx2": ["-DL3D_AVX2", "-mavx2", "-mfma", "-mf16c"],
     "portable": [],
@@ -99,14 +108,16 @@ def requested() -> str:
         return can[0]
     if want != "torch" and want not in can:
         missing = " ".join(f for f in REQUIRES[want] if f not in cpu_flags())
-        raise UserError(f"LLAMA3_DIST_KERNELS={want}: this CPU lacks {missing}; use auto or one of "
-                        f"{', '.join([*can, 'torch'])}")
+        raise UserError(
+            f"LLAMA3_DIST_KERNELS={want}: this CPU lacks {missing}; use auto or one of {', '.join([*can, 'torch'])}"
+        )
     return want
 
 
 def build_dir(variant: str) -> Path:
     """Where `variant` is built: its own folder of TORCH_EXTENSIONS_DIR, per torch version."""
     from torch.utils.cpp_extension import get_default_build_root
+
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     return root / f"llama3_dist_kernels_{variant}-torch{torch.__version__.split('+')[0]}"
 
@@ -122,14 +133,17 @@ def _lock(path: Path, timeout: float):
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 f.close()
-                raise BuildError(f"waited {timeout:g} s for another process building {path.with_suffix('')} "
-                                 f"(raise LLAMA3_DIST_KERNELS_TIMEOUT, or remove the folder)") from None
+                raise BuildError(
+                    f"waited {timeout:g} s for another process building {path.with_suffix('')} "
+                    f"(raise LLAMA3_DIST_KERNELS_TIMEOUT, or remove the folder)"
+                ) from None
             time.sleep(0.1)
 
 
 def _build(variant: str) -> None:
     """Build (or find built) and load `variant`, and give its ops their shapes for torch.compile. Raises BuildError."""
     from torch.utils.cpp_extension import load as cpp_load
+
     out = build_dir(variant)
     out.mkdir(parents=True, exist_ok=True)
     timeout = float(os.environ.get("LLAMA3_DIST_KERNELS_TIMEOUT", "600"))
@@ -143,21 +157,28 @@ def _build(variant: str) -> None:
             log.info("building the %s decode kernel in %s (once per machine, ~20 s)", variant, out)
         with warnings.catch_warnings():  # torch's compiler-check warnings: our one warning says it all
             warnings.simplefilter("ignore")
-            cpp_load(f"llama3_dist_kernels_{variant}", [str(SOURCE)], build_directory=str(out),
-                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *CFLAGS[variant]],
-                     extra_ldflags=["-fopenmp"],
-                     is_python_module=False, verbose=False)
+            cpp_load(
+                f"llama3_dist_kernels_{variant}",
+                [str(SOURCE)],
+                build_directory=str(out),
+                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *CFLAGS[variant]],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
     except BuildError:
         raise
     except Exception as e:  # no compiler, no ninja, a compile error: the caller decides
         raise BuildError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
     finally:
         lock.close()
-    fakes = {"gemv": lambda x, w: x.new_empty(x.shape[0], w.shape[0]),
-             "rms_norm": lambda x, w, eps: x.new_empty(x.shape),
-             "rope": lambda x, freqs: x.new_empty(x.shape),
-             "silu_mul": lambda gate, up: gate.new_empty(gate.shape),
-             "attend_decode": lambda q, k, v, mask: q.new_empty(q.shape)}
+    fakes = {
+        "gemv": lambda x, w: x.new_empty(x.shape[0], w.shape[0]),
+        "rms_norm": lambda x, w, eps: x.new_empty(x.shape),
+        "rope": lambda x, freqs: x.new_empty(x.shape),
+        "silu_mul": lambda gate, up: gate.new_empty(gate.shape),
+        "attend_decode": lambda q, k, v, mask: q.new_empty(q.shape),
+    }
     for name, fake in fakes.items():
         torch.library.register_fake(f"llama3_dist::{name}_{variant}")(fake)
 
@@ -194,8 +215,13 @@ def fused(name: str, x: Tensor):
     """The chosen variant's fused op `name` (one of FUSED) for input x, or None: x not a CPU
     float32/bfloat16 tensor, autograd on, the kernels on F.linear, or inside torch.compile (whose
     inductor fuses the same steps itself)."""
-    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
-            or torch.is_grad_enabled() or load() is None):
+    if (
+        torch.compiler.is_compiling()
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or torch.is_grad_enabled()
+        or load() is None
+    ):
         return None
     return getattr(torch.ops.llama3_dist, f"{name}_{_chosen}")
 
@@ -203,6 +229,7 @@ def fused(name: str, x: Tensor):
 def fusable(name: str, decode_only: bool = False):
     """Decorate the model's function of that step: its fused op runs in its place where fused() has
     one (eager CPU decode), the function itself everywhere else. decode_only: only for one query (T = 1)."""
+
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args):
@@ -210,7 +237,9 @@ def fusable(name: str, decode_only: bool = False):
             if op is None or (decode_only and args[0].shape[-2] != 1):
                 return fn(*args)
             return op(*args)
+
         return run
+
     return wrap
 
 
@@ -234,8 +263,14 @@ def gemv(x: Tensor, w: Tensor) -> Tensor:
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """x @ w.T (no bias); decode-sized inputs on CPU use the streaming kernel when it is available."""
     rows = x.numel() // x.shape[-1]
-    if (rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and w.dtype == x.dtype and w.is_contiguous() and not torch.is_grad_enabled()
-            and load() is not None):
+    if (
+        rows <= MAX_ROWS
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and w.dtype == x.dtype
+        and w.is_contiguous()
+        and not torch.is_grad_enabled()
+        and load() is not None
+    ):
         return _gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w)

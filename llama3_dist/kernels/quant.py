@@ -17,6 +17,7 @@ the float kernel. Larger inputs (prefill) dequantize a block of rows at a time a
 Without a compiler (or with LLAMA3_DIST_KERNELS=torch, or on CUDA) every path is torch's: the
 dequantizers below, then F.linear.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,7 @@ from . import linear as float_linear
 log = logging.getLogger(__name__)
 
 # qtype -> (code in quant.cpp, elements per block, bytes per block)
-FORMATS = {"Q8_0": (0, 32, 34), "Q4_0": (1, 32, 18), "Q4_1": (2, 32, 20), "Q4_K": (3, 256, 144),
-           "Q6_K": (4, 256, 210)}
+FORMATS = {"Q8_0": (0, 32, 34), "Q4_0": (1, 32, 18), "Q4_1": (2, 32, 20), "Q4_K": (3, 256, 144), "Q6_K": (4, 256, 210)}
 # runtime.weights -> the format float matrices are quantized to on load. The embedding table (and the
 # output head) stays Q8_0 under int4, as llama.cpp's 4-bit presets keep it at 6-8 bits: it carries
 # most of int4's error (SmolLM2: perplexity +4% with a 4-bit table, +0.x% with an 8-bit one).
@@ -74,16 +74,22 @@ def load():
         flags += ["-mavx2", "-mfma", "-mf16c"]
     try:
         from torch.utils.cpp_extension import load as build
-        build("llama3_dist_quant", [str(Path(__file__).with_name("quant.cpp"))], is_python_module=False,
-              extra_cflags=flags, verbose=False)
+
+        build(
+            "llama3_dist_quant",
+            [str(Path(__file__).with_name("quant.cpp"))],
+            is_python_module=False,
+            extra_cflags=flags,
+            verbose=False,
+        )
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: fall back, never fail
         log.warning("could not build the quantized kernel (%s); quantized matmuls use torch", str(e).splitlines()[0])
         return None
     for op in ("qlinear", "qlinear_portable"):
-        torch.library.register_fake(f"llama3_quant::{op}")(
-            lambda x, w, qtype: x.new_empty(x.shape[0], w.shape[0]))
+        torch.library.register_fake(f"llama3_quant::{op}")(lambda x, w, qtype: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("llama3_quant::dequant")(
-        lambda w, qtype: w.new_empty(w.shape[0], w.shape[1] // _BYTES[qtype] * _BLOCK[qtype], dtype=torch.float32))
+        lambda w, qtype: w.new_empty(w.shape[0], w.shape[1] // _BYTES[qtype] * _BLOCK[qtype], dtype=torch.float32)
+    )
     _ops = torch.ops.llama3_quant
     log.info("quantized kernel: %s", _ops.isa())
     return _ops
@@ -126,8 +132,9 @@ def linear(x: Tensor, w: Tensor, qtype: str | None) -> Tensor:
     step = max(1, PREFILL_CHUNK_BYTES // (4 * K))  # rows of W dequantized at once
     if step >= w.shape[0]:
         return F.linear(x, dequantize(w, qtype, x.dtype))
-    return torch.cat([F.linear(x, dequantize(w[r: r + step], qtype, x.dtype)) for r in range(0, w.shape[0], step)],
-                     dim=-1)
+    return torch.cat(
+        [F.linear(x, dequantize(w[r : r + step], qtype, x.dtype)) for r in range(0, w.shape[0], step)], dim=-1
+    )
 
 
 def embedding(tokens: Tensor, w: Tensor, qtype: str | None, dtype: torch.dtype) -> Tensor:
@@ -139,6 +146,7 @@ def embedding(tokens: Tensor, w: Tensor, qtype: str | None, dtype: torch.dtype) 
 
 
 # --- torch reference (the fallback, and the tests' second opinion) ---------------------------------
+
 
 def _f16(b: Tensor) -> Tensor:
     """Little-endian fp16 from pairs of bytes (..., 2) -> float32 (..., 1)."""
@@ -156,11 +164,12 @@ def dequantize_torch(w: Tensor, qtype: str) -> Tensor:
     if qtype in ("Q4_0", "Q4_1"):
         d = _f16(b[..., :2])
         m = _f16(b[..., 2:4]) if qtype == "Q4_1" else -8.0 * d
-        qs = b[..., 4 if qtype == "Q4_1" else 2:]
+        qs = b[..., 4 if qtype == "Q4_1" else 2 :]
         q = torch.cat([qs & 0xF, qs >> 4], dim=-1).float()  # elements 0-15 in low nibbles, 16-31 in high
         return (d * q + m).reshape(N, -1)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
+
     out = gguf_dequantize(w.cpu().numpy(), GGMLQuantizationType[qtype])
     return torch.from_numpy(np.array(out, dtype=np.float32)).to(w.device)
 
@@ -169,7 +178,7 @@ def quantize(t: Tensor, qtype: str, chunk_rows: int = 4096) -> Tensor:
     """Float weights (N, K) -> blocks (N, bytes) in Q8_0, Q4_0 or Q4_1, as llama.cpp's reference quantizer rounds."""
     if qtype not in ("Q8_0", "Q4_0", "Q4_1"):
         raise ValueError(f"cannot quantize to {qtype} (only Q8_0, Q4_0, Q4_1)")
-    return torch.cat([_quantize_rows(t[r: r + chunk_rows].float(), qtype) for r in range(0, t.shape[0], chunk_rows)])
+    return torch.cat([_quantize_rows(t[r : r + chunk_rows].float(), qtype) for r in range(0, t.shape[0], chunk_rows)])
 
 
 def _quantize_rows(x: Tensor, qtype: str) -> Tensor:

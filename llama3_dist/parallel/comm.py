@@ -4,6 +4,7 @@ Every wait is bounded by runtime.timeout_s (the process groups and the shared-me
 it); a collective that fails or times out raises CollectiveError naming the operation, the group's
 ranks and, where it is known, the silent rank.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,13 +31,14 @@ class Group:
     shm: object | None = field(default=None, compare=False)  # ShmCollectives when on one host
 
     @classmethod
-    def single(cls, global_rank: int = 0) -> "Group":
+    def single(cls, global_rank: int = 0) -> Group:
         return cls(0, 1, (global_rank,), None)
 
 
 # The size-1 early returns stay traceable, so torch.compile sees no break in a one-rank model.
 # The shared-memory all-reduce of a decode step is an op torch.compile keeps inside its graph;
 # the other collectives are sync points that torch.compile leaves alone (compiler.disable).
+
 
 def all_reduce(x: Tensor, group: Group) -> Tensor:
     """Sum x over the group, in place; returns x."""
@@ -81,8 +83,10 @@ def collective_error(op: str, ranks: tuple[int, ...], e: BaseException, peer: in
     who = f"rank {peer}" if peer is not None else f"a peer among ranks {', '.join(map(str, others))}"
     group = ", ".join(map(str, ranks))
     if "timed out" in cause.lower() or "timeout" in cause.lower():
-        return CollectiveError(f"{op} over ranks ({group}): {who} did not answer within runtime.timeout_s "
-                               f"({cause}); it is stopped, hung or unreachable")
+        return CollectiveError(
+            f"{op} over ranks ({group}): {who} did not answer within runtime.timeout_s "
+            f"({cause}); it is stopped, hung or unreachable"
+        )
     return CollectiveError(f"{op} over ranks ({group}): lost {who} ({cause})")
 
 
@@ -101,8 +105,9 @@ def all_gather(x: Tensor, group: Group, sizes: list[int], dim: int = -1) -> Tens
 @torch.compiler.disable
 def _all_gather(x: Tensor, group: Group, sizes: list[int], dim: int) -> Tensor:
     dim = dim % x.dim()
-    if group.shm is not None and group.shm.fits(x.narrow(dim, 0, 1).expand(
-            *x.shape[:dim], max(sizes), *x.shape[dim + 1:])):
+    if group.shm is not None and group.shm.fits(
+        x.narrow(dim, 0, 1).expand(*x.shape[:dim], max(sizes), *x.shape[dim + 1 :])
+    ):
         return group.shm.all_gather(x, sizes, dim)
     width = max(sizes)
     if x.shape[dim] < width:  # gloo needs equal sizes: pad, gather, trim

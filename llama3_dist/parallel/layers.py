@@ -7,6 +7,7 @@ plain dense layer, so one model.py serves every layout.
 A weight is float, or quantized in one of llama.cpp's block formats (`qtype`, kernels/quant.py):
 then it is uint8 (rows, blocks x block bytes), and the loader sets `qtype` when it fills it.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Rank layout (rank_grid): global rank = stage * tensor + tp_rank, so the ranks of
 tensor-parallel group are consecutive (on one node under torchrun) and pipeline neighbours
 are `tensor` apart.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,12 +42,18 @@ class Mesh:
     sampler_rank: int = 0  # samples tokens and broadcasts them: tp-rank 0 of the last stage
 
     @classmethod
-    def single(cls, device: str | torch.device = "cpu") -> "Mesh":
+    def single(cls, device: str | torch.device = "cpu") -> Mesh:
         return cls(0, 1, Group.single(), Group.single(), torch.device(device))
 
     @classmethod
-    def for_rank(cls, rank: int, tensor: int, pipeline: int, device: torch.device,
-                 groups: dict[tuple[int, ...], dist.ProcessGroup] | None = None) -> "Mesh":
+    def for_rank(
+        cls,
+        rank: int,
+        tensor: int,
+        pipeline: int,
+        device: torch.device,
+        groups: dict[tuple[int, ...], dist.ProcessGroup] | None = None,
+    ) -> Mesh:
         """The Mesh of global rank `rank`; `groups` maps each group's ranks to its process group
         (none: a Mesh to plan with, which never communicates)."""
         grid, groups = rank_grid(tensor, pipeline), groups or {}
@@ -150,8 +157,7 @@ def use_shm(parallel: ParallelConfig, runtime: RuntimeConfig, world_size: int, r
     return True
 
 
-def build_mesh(tensor: int, pipeline: int, device: torch.device, shm: bool = False,
-               timeout_s: float = 120.0) -> Mesh:
+def build_mesh(tensor: int, pipeline: int, device: torch.device, shm: bool = False, timeout_s: float = 120.0) -> Mesh:
     """Create every tp and pp group (all ranks must call new_group for all groups, in order).
 
     With shm, the tensor-parallel group (and the world, when it is that same group) gets a

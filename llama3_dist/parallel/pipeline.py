@@ -3,6 +3,7 @@
 Activations move from stage k to stage k + 1 point to point, between ranks with the same tp-rank;
 the last stage's logits stay there (its tp-rank 0 samples and broadcasts the tokens).
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,9 @@ def stage_layer_ids(args: ModelArgs, parallel: ParallelConfig, mesh: Mesh) -> ra
     """The contiguous global layer ids this rank's stage owns."""
     counts = parallel.stage_layers or balance_stages(args, mesh.n_stages)
     if sum(counts) != args.n_layers:
-        raise ConfigError(f"parallel.stage_layers: {counts} sums to {sum(counts)}, "
-                          f"but the model has {args.n_layers} layers")
+        raise ConfigError(
+            f"parallel.stage_layers: {counts} sums to {sum(counts)}, but the model has {args.n_layers} layers"
+        )
     start = sum(counts[: mesh.stage])
     return range(start, start + counts[mesh.stage])
 
@@ -58,8 +60,15 @@ def recv_forward(shape: tuple[int, ...], dtype: torch.dtype, mesh: Mesh) -> Tens
     return recv(torch.empty(shape, dtype=dtype, device=mesh.device), mesh.pp.ranks[mesh.stage - 1])
 
 
-def run_stages(model: nn.Module, mesh: Mesh, tokens: Tensor, pos: Tensor, last: Tensor | None,
-               microbatches: int, first_row: int = 0) -> Tensor | None:
+def run_stages(
+    model: nn.Module,
+    mesh: Mesh,
+    tokens: Tensor,
+    pos: Tensor,
+    last: Tensor | None,
+    microbatches: int,
+    first_row: int = 0,
+) -> Tensor | None:
     """One forward pass of the whole pipeline (model: this stage's Transformer) over a batch split into micro-batches.
 
     The batch's sequences live in cache rows first_row.. (the server prefills one slot at a time).
@@ -77,7 +86,12 @@ def run_stages(model: nn.Module, mesh: Mesh, tokens: Tensor, pos: Tensor, last: 
             x = tokens[start:stop]
         else:
             x = recv_forward((stop - start, T, model.args.dim), model.dtype, mesh)
-        y = model(x, pos[start:stop], None if last is None else last[start:stop], model.cache.rows(first_row + start, first_row + stop))
+        y = model(
+            x,
+            pos[start:stop],
+            None if last is None else last[start:stop],
+            model.cache.rows(first_row + start, first_row + stop),
+        )
         if mesh.is_pp_last_stage:
             outs.append(y)
         else:

@@ -26,6 +26,7 @@ it, on every exit path; its name carries the creator's pid, so a segment left be
 killed between creating and unlinking it (SIGKILL) is removed by the next job on this host, and
 a uuid, so two jobs on one host never share one.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,7 +97,7 @@ class ShmUnavailable(Exception):
 class ShmCollectives:
     """all_reduce / all_gather / broadcast among the `size` ranks of process group `pg` on one host."""
 
-    by_key: dict[int, "ShmCollectives"] = {}  # lets a compiled graph name its group by an int
+    by_key: dict[int, ShmCollectives] = {}  # lets a compiled graph name its group by an int
 
     def __init__(self, rank: int, size: int, pg: dist.ProcessGroup | None, timeout_s: float):
         self.rank, self.size, self.timeout_s = rank, size, timeout_s
@@ -152,12 +153,15 @@ class ShmCollectives:
         for r in late:
             pid = int(self.pids[r])
             if not _alive(pid):
-                raise CollectiveError(f"shm {op} over ranks ({ranks}): rank {self.global_ranks[r]} "
-                                      f"(pid {pid}) has exited")
+                raise CollectiveError(
+                    f"shm {op} over ranks ({ranks}): rank {self.global_ranks[r]} (pid {pid}) has exited"
+                )
         if waited > self.timeout_s:
             who = ", ".join(f"rank {self.global_ranks[r]} (pid {int(self.pids[r])})" for r in late)
-            raise CollectiveError(f"shm {op} over ranks ({ranks}): {who} did not arrive within "
-                                  f"runtime.timeout_s={self.timeout_s:g} s; it is stopped, hung or swapped out")
+            raise CollectiveError(
+                f"shm {op} over ranks ({ranks}): {who} did not arrive within "
+                f"runtime.timeout_s={self.timeout_s:g} s; it is stopped, hung or swapped out"
+            )
 
     def all_reduce(self, x: Tensor) -> Tensor:
         slots = self._publish(x, "all_reduce")

@@ -3,6 +3,7 @@
 World rank 0 answers HTTP (api.py, in a thread) and schedules (scheduler.py); every rank runs the
 same step loop (engine.py) on the control messages rank 0 broadcasts (control.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,11 +61,14 @@ def serve(cfg: Config, announce: Callable[[str], None]) -> None:
         ready = assemble(cfg, warm=(r.max_batch_size, r.max_seq_len))
         if ready.model.decode_step is not None:  # a lone request's batch of one is a shape of its own
             warm_up(ready.model, ready.mesh, 1, r.max_seq_len, cfg.parallel.microbatches)
-        engine = Engine(ready.model, ready.mesh, r.max_batch_size, r.max_seq_len, cfg.parallel.microbatches,
-                        r.timeout_s)
+        engine = Engine(
+            ready.model, ready.mesh, r.max_batch_size, r.max_seq_len, cfg.parallel.microbatches, r.timeout_s
+        )
         scheduler = None
         if rank == 0:
-            scheduler = Scheduler(ready.tokenizer, r.max_batch_size, s.max_queue, s.heartbeat(r.timeout_s), state.metrics)
+            scheduler = Scheduler(
+                ready.tokenizer, r.max_batch_size, s.max_queue, s.heartbeat(r.timeout_s), state.metrics
+            )
             state.tokenizer, state.scheduler = ready.tokenizer, scheduler
             announce(f"listening on http://{s.host}:{http.port}")
         handle_signals(scheduler, s.shutdown_grace_s)

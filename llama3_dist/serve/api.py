@@ -5,6 +5,7 @@ drain their Outputs; they never touch the model. Errors have OpenAI's shape
 {"error": {"message", "type", "param", "code"}}: 400 for a bad request, 404 for another model,
 429 when the queue is full, 503 while loading, shutting down, or after the engine failed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,14 @@ MAX_LOGPROBS = 20
 class ApiError(Exception):
     """An OpenAI-shaped error response."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
@@ -61,15 +68,21 @@ class ServerState:
 
     def ready(self) -> Scheduler:
         if self.scheduler is None:
-            raise ApiError(503, "the model is still loading; retry when GET /health answers 200",
-                           kind="service_unavailable", code="loading")
+            raise ApiError(
+                503,
+                "the model is still loading; retry when GET /health answers 200",
+                kind="service_unavailable",
+                code="loading",
+            )
         if self.scheduler.failed is not None:
-            raise ApiError(503, f"the engine failed: {self.scheduler.failed}", kind="service_unavailable",
-                           code="engine_failed")
+            raise ApiError(
+                503, f"the engine failed: {self.scheduler.failed}", kind="service_unavailable", code="engine_failed"
+            )
         return self.scheduler
 
 
 # --- request fields ---
+
 
 def _get(body: dict, key: str, kinds: tuple[type, ...], default, what: str):
     value = body.get(key)
@@ -127,15 +140,25 @@ class Plan:
     ignore_eos: bool
 
 
-def parse_common(body: dict, state: ServerState, prompts: list[list[int]], max_tokens: int | None,
-                 logprobs: int | None, echo: bool = False) -> Plan:
+def parse_common(
+    body: dict,
+    state: ServerState,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    logprobs: int | None,
+    echo: bool = False,
+) -> Plan:
     """The fields completions and chat share; raises ApiError (400/404)."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model: expected a string", "model")
     if model is not None and model != state.model_name:
-        raise ApiError(404, f"model {model!r} does not exist; this server serves {state.model_name!r}",
-                       "model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"model {model!r} does not exist; this server serves {state.model_name!r}",
+            "model",
+            code="model_not_found",
+        )
     vocab = state.tokenizer.n_words
     for i, p in enumerate(prompts):
         if not p:
@@ -161,15 +184,31 @@ def parse_common(body: dict, state: ServerState, prompts: list[list[int]], max_t
     longest = max(map(len, prompts))
     room = state.max_seq_len - longest
     if max_tokens is not None and max_tokens > room:
-        raise bad(f"max_tokens: the prompt has {longest} tokens; with max_tokens={max_tokens} that exceeds the "
-                  f"context of runtime.max_seq_len={state.max_seq_len} tokens; lower max_tokens to <= {room} "
-                  f"or shorten the prompt", "max_tokens")
+        raise bad(
+            f"max_tokens: the prompt has {longest} tokens; with max_tokens={max_tokens} that exceeds the "
+            f"context of runtime.max_seq_len={state.max_seq_len} tokens; lower max_tokens to <= {room} "
+            f"or shorten the prompt",
+            "max_tokens",
+        )
     if max_tokens is None and room < 1:
-        raise bad(f"the prompt has {longest} tokens and leaves no room for a reply in "
-                  f"runtime.max_seq_len={state.max_seq_len}; shorten it", "messages")
+        raise bad(
+            f"the prompt has {longest} tokens and leaves no room for a reply in "
+            f"runtime.max_seq_len={state.max_seq_len}; shorten it",
+            "messages",
+        )
     params = SamplingParams(max_tokens or 0, temperature, top_p, max(top_k, 0), seed)
-    return Plan(prompts, max_tokens, params, n, get_stop(body), stream, include_usage, logprobs, echo,
-                get_bool(body, "ignore_eos", False))
+    return Plan(
+        prompts,
+        max_tokens,
+        params,
+        n,
+        get_stop(body),
+        stream,
+        include_usage,
+        logprobs,
+        echo,
+        get_bool(body, "ignore_eos", False),
+    )
 
 
 def parse_completion(body: dict, state: ServerState) -> Plan:
@@ -181,12 +220,15 @@ def parse_completion(body: dict, state: ServerState) -> Plan:
         prompts = [tok.encode(x) for x in prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
         prompts = [list(prompt)]
-    elif (isinstance(prompt, list) and prompt and all(isinstance(x, list) for x in prompt)
-          and all(isinstance(t, int) and not isinstance(t, bool) for x in prompt for t in x)):
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(x, list) for x in prompt)
+        and all(isinstance(t, int) and not isinstance(t, bool) for x in prompt for t in x)
+    ):
         prompts = [list(x) for x in prompt]
     else:
-        raise bad("prompt: expected a string, a list of strings, a list of token ids or a list of such lists",
-                  "prompt")
+        raise bad("prompt: expected a string, a list of strings, a list of token ids or a list of such lists", "prompt")
     max_tokens = get_int(body, "max_tokens", 16, 1)
     logprobs = get_int(body, "logprobs", None, 0, MAX_LOGPROBS)
     return parse_common(body, state, prompts, max_tokens, logprobs, get_bool(body, "echo", False))
@@ -196,8 +238,9 @@ def message_text(content, i: int) -> str:
     """A message's content: a string, or a list of text parts ({"type": "text", "text": ...})."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "".join(p["text"] for p in content)
     raise bad(f"messages[{i}].content: expected a string or a list of text parts", f"messages[{i}].content")
 
@@ -214,8 +257,10 @@ def parse_chat(body: dict, state: ServerState) -> Plan:
     try:
         prompt = state.tokenizer.encode_chat(rendered)
     except Exception as e:  # noqa: BLE001 - a template may raise anything (e.g. "roles must alternate")
-        raise bad(f"messages: the chat template rejects them ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
-                  "messages") from None
+        raise bad(
+            f"messages: the chat template rejects them ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+            "messages",
+        ) from None
     max_tokens = get_int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", None, 1)
@@ -227,6 +272,7 @@ def parse_chat(body: dict, state: ServerState) -> Plan:
 
 
 # --- responses ---
+
 
 def clean(x: float) -> float:
     return max(x, -9999.0)  # JSON has no -inf
@@ -262,6 +308,7 @@ class Responder:
     def chat_entry(self, t: int, lp: TokenLogprobs) -> dict:
         def one(i: int, x: float) -> dict:
             return {"token": self.token_str(i), "logprob": clean(x), "bytes": list(self.tok.decode_bytes([i]))}
+
         return {**one(t, lp.logprob), "top_logprobs": [one(i, x) for i, x in lp.top]}
 
     def completion_logprobs(self, index: int, entries: list[tuple[int, TokenLogprobs | None]]) -> dict:
@@ -312,16 +359,33 @@ class Responder:
             text = "".join(c.text)
             lp = self.logprobs_json(i, c.logprobs)
             if self.chat:
-                rows.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                             "finish_reason": c.finish_reason})
+                rows.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
             else:
                 rows.append({"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": rows, "usage": self.usage(choices)}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": rows,
+            "usage": self.usage(choices),
+        }
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        obj = {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"), "created": self.created,
-               "model": self.model, "choices": choices}
+        obj = {
+            "id": self.id,
+            "object": self.object + ("" if not self.chat else ".chunk"),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.plan.include_usage:
             obj["usage"] = usage
         return f"data: {json.dumps(obj)}\n\n"
@@ -344,10 +408,14 @@ def sequences_of(plan: Plan, emit, stop_ids: frozenset[int]) -> list[Sequence]:
     seqs = []
     for p, prompt in enumerate(plan.prompts):
         for i in range(plan.n):
-            params = SamplingParams(plan.max_tokens, plan.params.temperature, plan.params.top_p, plan.params.top_k,
-                                    (base + i) % 2**64)
-            seqs.append(Sequence(p * plan.n + i, prompt, params, emit, plan.stop, stop_ids, plan.logprobs,
-                                 plan.echo, plan.ignore_eos))
+            params = SamplingParams(
+                plan.max_tokens, plan.params.temperature, plan.params.top_p, plan.params.top_k, (base + i) % 2**64
+            )
+            seqs.append(
+                Sequence(
+                    p * plan.n + i, prompt, params, emit, plan.stop, stop_ids, plan.logprobs, plan.echo, plan.ignore_eos
+                )
+            )
     return seqs
 
 
@@ -367,8 +435,12 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "failed", "error": s.failed}, status_code=503)
         if s.closing_at is not None:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
-        return {"status": "ok", "slots_in_use": s.busy_slots, "slots_total": state.max_batch_size,
-                "waiting": s.n_waiting}
+        return {
+            "status": "ok",
+            "slots_in_use": s.busy_slots,
+            "slots_total": state.max_batch_size,
+            "waiting": s.n_waiting,
+        }
 
     @app.get("/metrics")
     async def metrics():
@@ -376,8 +448,18 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "llama3_dist", "max_model_len": state.max_seq_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "llama3_dist",
+                    "max_model_len": state.max_seq_len,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -419,15 +501,19 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(503, str(e), kind="service_unavailable", code="unavailable") from None
         responder = Responder(state, plan, chat)
         if plan.stream:
-            return StreamingResponse(stream(scheduler, seqs, outputs, responder),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                stream(scheduler, seqs, outputs, responder),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return await collect(request, scheduler, seqs, outputs, responder)
 
     return app
 
 
-async def collect(request: Request, scheduler: Scheduler, seqs: list[Sequence], outputs: asyncio.Queue,
-                  responder: Responder):
+async def collect(
+    request: Request, scheduler: Scheduler, seqs: list[Sequence], outputs: asyncio.Queue, responder: Responder
+):
     """A whole (non-streamed) response; a client that goes away has its sequences aborted."""
     choices = {s.index: Choice() for s in seqs}
     left = len(seqs)
@@ -500,14 +586,17 @@ class HttpServer:
             self.sock.bind(addr)
             self.sock.listen(128)
         except OSError as e:
-            raise UserError(f"serve: cannot listen on {host}:{port} ({e.strerror or e}); "
-                            f"pick another with --port or --host") from None
+            raise UserError(
+                f"serve: cannot listen on {host}:{port} ({e.strerror or e}); pick another with --port or --host"
+            ) from None
         self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=grace_s)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=grace_s
+        )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name="http")
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="http"
+        )
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:

@@ -1,4 +1,5 @@
 """What rank 0 broadcasts each step (Control) and what a step gives back (StepResult): small, picklable."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

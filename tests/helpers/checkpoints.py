@@ -75,10 +75,18 @@ _GGUF_TO_META_TOP = {v: k for k, v in _META_TO_GGUF_TOP.items()}
 # Model-parallel split dim of each Meta tensor (llama_models/llama3/model.py): ColumnParallelLinear and
 # VocabParallelEmbedding split dim 0, RowParallelLinear dim 1; norms (None) are replicated.
 _META_SPLIT_DIM = {
-    "tok_embeddings": 0, "output": 0,
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0,
-    "wo": 1, "w2": 1,
-    "attention_norm": None, "ffn_norm": None, "norm": None,
+    "tok_embeddings": 0,
+    "output": 0,
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "wo": 1,
+    "w2": 1,
+    "attention_norm": None,
+    "ffn_norm": None,
+    "norm": None,
 }
 
 _GGUF_QTYPES = {

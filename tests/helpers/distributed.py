@@ -1,4 +1,5 @@
 """run_ranks(): spawn real gloo ranks on this host, run a function on each, re-raise the first failure."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -13,8 +14,15 @@ TIMEOUT_S = 240.0
 
 
 def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, int, bool], args, results) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     try:
         import torch
         import torch.distributed as dist
@@ -22,8 +30,9 @@ def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, i
         from llama3_dist.parallel.mesh import build_mesh
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+        )
         mesh = build_mesh(layout[0], layout[1], torch.device("cpu"), shm=layout[2], timeout_s=60)
         results.put((rank, True, fn(mesh, *args)))
         dist.destroy_process_group()
@@ -31,8 +40,16 @@ def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, i
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, *args, tensor: int | None = None, pipeline: int = 1,
-              timeout: float = TIMEOUT_S, outcomes: bool = False, shm: bool = False) -> list:
+def run_ranks(
+    fn,
+    world_size: int,
+    *args,
+    tensor: int | None = None,
+    pipeline: int = 1,
+    timeout: float = TIMEOUT_S,
+    outcomes: bool = False,
+    shm: bool = False,
+) -> list:
     """fn(mesh, *args) on `world_size` gloo ranks (tensor x pipeline); returns each rank's result.
 
     shm=True gives the tensor-parallel groups the shared-memory collectives (parallel.collectives=shm).
@@ -46,8 +63,10 @@ def run_ranks(fn, world_size: int, *args, tensor: int | None = None, pipeline: i
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, (tensor, pipeline, shm), args, results))
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, (tensor, pipeline, shm), args, results))
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         out: dict[int, object] = {}
@@ -57,8 +76,9 @@ def run_ranks(fn, world_size: int, *args, tensor: int | None = None, pipeline: i
                 try:
                     rank, ok, value = results.get(timeout=max(0.1, start + timeout - time.monotonic()))
                 except queue.Empty:
-                    raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(out))} did not finish "
-                                       f"within {timeout:.0f} s") from None
+                    raise TimeoutError(
+                        f"ranks {sorted(set(range(world_size)) - set(out))} did not finish within {timeout:.0f} s"
+                    ) from None
                 if outcomes:
                     out[rank] = (ok, value, time.monotonic() - start)
                 elif not ok:

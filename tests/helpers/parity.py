@@ -1,5 +1,6 @@
 """Probes shared by the parity tests: our model from a checkpoint, its logits, transformers' greedy tokens,
 and the logits + greedy tokens of one mesh (run on every rank by run_ranks)."""
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,7 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             nxt = hf(ids).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
+    return ids[0, len(prompt) :].tolist()
 
 
 def logits_and_tokens(mesh: Mesh, path: str, batch=BATCH, params=GREEDY):

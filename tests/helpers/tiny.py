@@ -3,6 +3,7 @@
 A variant is a tiny HF oracle model (`random_model(tiny_config(**VARIANTS[v]), SEED)`); a format is one of
 FORMATS or `gguf-<QTYPE>` (a quantized GGUF). Tests that change a checkpoint on disk write their own.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,18 +15,33 @@ from helpers.checkpoints import random_model, tiny_config, write_gguf, write_hf,
 SEED = 1
 # llama3 rope scaling with an original context of 64: of head_dim 8's wavelengths (~6, ~167, ~4443, ~1.2e5
 # tokens) the first is kept and the rest are divided by the factor.
-SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 64}
+SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 VARIANTS = {
     "gqa": {},  # tiny_config(): 4 layers, dim 64, 8 query / 2 KV heads, vocab 256 (a byte-level GGUF vocab)
     "gqa-rope-scaling": {"rope_scaling": SCALING},
     "tied-mha": {"tie_word_embeddings": True, "num_key_value_heads": 8},
     "9-3-heads": {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 192},
     # widths that split unevenly over 2, 3 and 4 tensor-parallel ranks
-    "tp-8-2": {"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 200,
-               "vocab_size": 250},
-    "tp-9-3": {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 200,
-               "vocab_size": 250},
+    "tp-8-2": {
+        "hidden_size": 64,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 200,
+        "vocab_size": 250,
+    },
+    "tp-9-3": {
+        "hidden_size": 72,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 200,
+        "vocab_size": 250,
+    },
     "6-layers": {"num_hidden_layers": 6, "vocab_size": 120},  # pipeline stages of uneven depth
 }
 FORMATS = ("gguf", "hf", "hf-sharded", "meta", "meta-mp2")
