@@ -17,15 +17,9 @@ from torch import Tensor, nn
 
 from . import kernels
 from .args import ModelArgs
+from .parallel import layers as parallel
 from .parallel.comm import Group
-from .parallel.layers import (
-    MergedColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    VocabParallelHead,
-    feature_split,
-    head_spans,
-)
+from .parallel.layers import MergedColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from .parallel.mesh import Mesh
 
 
@@ -43,9 +37,8 @@ def rope_frequencies(args: ModelArgs) -> Tensor:
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / freqs
     scaled = torch.where(wavelen > low_wavelen, freqs / s.factor, freqs)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
+    ratio = s.original_max_position_embeddings / wavelen
+    smooth = (ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(in_band, blended, scaled)
@@ -119,17 +112,8 @@ class KVCache:
     v: Tensor
 
     @classmethod
-    def allocate(
-        cls,
-        n_layers: int,
-        batch: int,
-        n_kv_heads: int,
-        seq_len: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> KVCache:
-        shape = (n_layers, batch, n_kv_heads, seq_len, head_dim)
+    def allocate(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> KVCache:
+        """Zeros of shape (n_layers, B, n_local_kv_heads, max_seq_len, head_dim) for k and v."""
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
@@ -167,20 +151,14 @@ class Attention(nn.Module):
 
     def __init__(self, args: ModelArgs, group: Group):
         super().__init__()
-        (q0, q1), (kv0, kv1) = head_spans(args.n_heads, args.n_kv_heads, group.rank, group.size)
+        (q0, q1), (kv0, kv1) = parallel.head_spans(args.n_heads, args.n_kv_heads, group.rank, group.size)
         hd = args.hd
         self.head_dim, self.n_local_heads, self.n_local_kv_heads = hd, q1 - q0, kv1 - kv0
         # wq, wk, wv stacked: this rank's query heads and the KV heads they read, in one matmul
-        self.wqkv = MergedColumnParallelLinear(
-            args.dim,
-            [
-                ("wq", args.n_heads * hd, (q0 * hd, q1 * hd)),
-                ("wk", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
-                ("wv", args.n_kv_heads * hd, (kv0 * hd, kv1 * hd)),
-            ],
-            group,
-        )
-        self.wo = RowParallelLinear(args.n_heads * hd, args.dim, group, (q0 * hd, q1 * hd))
+        q, kv = (q0 * hd, q1 * hd), (kv0 * hd, kv1 * hd)
+        parts = [("wq", args.n_heads * hd, q), ("wk", args.n_kv_heads * hd, kv), ("wv", args.n_kv_heads * hd, kv)]
+        self.wqkv = MergedColumnParallelLinear(args.dim, parts, group)
+        self.wo = RowParallelLinear(args.n_heads * hd, args.dim, group, q)
 
     def forward(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, cache: LayerCache) -> Tensor:
         B, T, _ = x.shape
@@ -201,7 +179,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, group: Group):
         super().__init__()
-        rows = feature_split(hidden_dim, group)
+        rows = parallel.feature_split(hidden_dim, group)
         self.w13 = MergedColumnParallelLinear(dim, [("w1", hidden_dim, rows), ("w3", hidden_dim, rows)], group)
         self.w2 = RowParallelLinear(hidden_dim, dim, group, rows)
 
@@ -258,9 +236,8 @@ class Transformer(nn.Module):
         c = self.cache
         if c is None or c.batch < batch or c.seq_len < seq_len or c.k.dtype != self.dtype:
             attn = next(iter(self.layers.values())).attention
-            self.cache = KVCache.allocate(
-                len(self.layers), batch, attn.n_local_kv_heads, seq_len, attn.head_dim, self.dtype, self.device
-            )
+            shape = (len(self.layers), batch, attn.n_local_kv_heads, seq_len, attn.head_dim)
+            self.cache = KVCache.allocate(shape, self.dtype, self.device)
         if self.freqs_cis is None or self.freqs_cis.shape[0] < seq_len:
             self.freqs_cis = precompute_freqs_cis(self.args, seq_len).to(self.device)
 
