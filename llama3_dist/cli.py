@@ -48,13 +48,28 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def model_flags(p: argparse.ArgumentParser, tokenizer: bool = True) -> None:
+    """The flags every command that loads a model shares: config, checkpoint, tokenizer, dtype, --set, -v."""
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
+    if tokenizer:
+        p.add_argument("--tokenizer", help="tokenizer override: tokenizer.model, an HF dir or a .gguf")
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. parallel.tensor=2 (repeatable)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="every rank logs (memory after loading, ...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="llama3-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from one or more prompts")
-    g.add_argument("--config", help="YAML config (see configs/)")
-    g.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
-    g.add_argument("--tokenizer", help="tokenizer override: tokenizer.model, an HF dir or a .gguf")
+    model_flags(g)
     g.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     g.add_argument("--max-new-tokens", type=int)
     g.add_argument("--temperature", type=float, help="0 = greedy")
@@ -62,32 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, help="0 = off")
     g.add_argument("--seed", type=int, help="makes sampling reproducible")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    g.add_argument("--dtype", choices=sorted(DTYPES))
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")
-    g.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. parallel.tensor=2 (repeatable)",
-    )
-    g.add_argument("-v", "--verbose", action="store_true", help="every rank logs (memory after loading, ...)")
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
-    s.add_argument("--config", help="YAML config (see configs/)")
-    s.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
-    s.add_argument("--tokenizer", help="tokenizer override: tokenizer.model, an HF dir or a .gguf")
+    model_flags(s)
     s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free port)")
     s.add_argument("--model-name", help="the model name clients send (default: the checkpoint's name)")
-    s.add_argument("--dtype", choices=sorted(DTYPES))
-    s.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. parallel.tensor=2 (repeatable)",
-    )
-    s.add_argument("-v", "--verbose", action="store_true", help="every rank logs")
     pl = sub.add_parser("plan", help="memory per rank for a config, from the real sharded modules")
     pl.add_argument("--config", help="YAML config (see configs/)")
     pl.add_argument("--checkpoint", help="read the architecture from a checkpoint instead of model.preset")
@@ -125,18 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
     e = sub.add_parser("explain", help="walk one forward pass of the real model, tensor by tensor")
-    e.add_argument("--config", help="YAML config (see configs/)")
-    e.add_argument("--checkpoint", help="Meta dir, Hugging Face dir or .gguf file (default: embedded SmolLM2-135M)")
+    model_flags(e, tokenizer=False)
     e.add_argument(
         "--prompt", help="prompt text (default: the seed's question about life, the universe and everything)"
     )
     e.add_argument("--layer", type=int, default=0, help="the layer walked through in detail (default 0)")
     e.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
     e.add_argument("--out", metavar="DIR", help="also write DIR/index.html with the figures (PNGs beside it)")
-    e.add_argument("--dtype", choices=sorted(DTYPES))
     e.add_argument("--json", action="store_true", help="one JSON object on stdout (steps, next_tokens)")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    e.add_argument("-v", "--verbose", action="store_true", help="every rank logs")
     w = sub.add_parser("world-size", help="print the number of ranks a config needs (tensor x pipeline)")
     w.add_argument("--config")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
