@@ -50,7 +50,7 @@ def precompute_freqs_cis(args: ModelArgs, end: int) -> Tensor:
     return torch.polar(torch.ones_like(angles), angles)
 
 
-@kernels.fusable("rope")
+@kernels.fusable("rope", tokens_dim=1)
 def apply_rotary(x: Tensor, freqs_cis: Tensor) -> Tensor:
     """Rotate each (even, odd) pair of x (B, T, H, hd) as x0 + i x1, times e^(i pos freq) (B, T, hd/2, 2).
 
@@ -62,7 +62,7 @@ def apply_rotary(x: Tensor, freqs_cis: Tensor) -> Tensor:
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(3).type_as(x)
 
 
-@kernels.fusable("attend_decode", decode_only=True)
+@kernels.fusable("attend_decode", tokens_dim=2)
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd), masked) v, each KV head shared by a group of consecutive query heads.
 
@@ -81,14 +81,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return y.type_as(q).view(B, Hq, 1, hd)
 
 
-@kernels.fusable("rms_norm")
+@kernels.fusable("rms_norm", tokens_dim=1)
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / rms(x) * weight, computed in float32."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-@kernels.fusable("silu_mul")
+@kernels.fusable("silu_mul", tokens_dim=1)
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 

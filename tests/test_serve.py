@@ -327,7 +327,7 @@ def test_concurrent_requests_each_equal_their_output_alone(server):
     """8 requests, greedy and seeded, arriving while others decode (4 slots: some wait), each as alone."""
     requests = []
     for i in range(8):
-        body = {"prompt": f"request number {i} " + "x" * (i * 3), "max_tokens": 24 + i, "ignore_eos": True}
+        body = {"prompt": f"request number {i} " + "x" * (i * 3), "max_tokens": 160 + i, "ignore_eos": True}
         body |= {"temperature": 0} if i % 3 else {"temperature": 0.8, "top_p": 0.9, "seed": 100 + i}
         requests.append(body)
     alone = [complete(server, **b)["choices"][0]["text"] for b in requests]
@@ -340,7 +340,7 @@ def test_concurrent_requests_each_equal_their_output_alone(server):
             time.sleep(0.02)
 
     def run(i):
-        time.sleep(0.1 * i)  # staggered: later ones arrive while earlier ones decode
+        time.sleep(0.03 * i)  # staggered: later ones arrive while earlier ones decode
         if i % 2:
             return streamed_text(stream_completion(server, requests[i]))
         body = dict(requests[i])

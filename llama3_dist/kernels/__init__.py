@@ -226,17 +226,16 @@ def fused(name: str, x: Tensor):
     return getattr(torch.ops.llama3_dist, f"{name}_{_chosen}")
 
 
-def fusable(name: str, decode_only: bool = False):
-    """Decorate the model's function of that step: its fused op runs in its place where fused() has
-    one (eager CPU decode), the function itself everywhere else. decode_only: only for one query (T = 1)."""
+def fusable(name: str, tokens_dim: int):
+    """Decorate the model's function of that step: in an eager CPU decode step (one token per sequence:
+    size 1 along tokens_dim of the first argument) its fused op runs in its place; elsewhere the
+    function itself (a prefill's activations are large, and torch's kernels are right for them)."""
 
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args):
-            op = fused(name, args[0])
-            if op is None or (decode_only and args[0].shape[-2] != 1):
-                return fn(*args)
-            return op(*args)
+            op = fused(name, args[0]) if args[0].shape[tokens_dim] == 1 else None
+            return fn(*args) if op is None else op(*args)
 
         return run
 
