@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import linear as float_linear
+from . import supported
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def load():
     if os.environ.get("LLAMA3_DIST_KERNELS", "auto") == "torch":
         return None
     flags = ["-O3"]
-    if _cpu_has("avx2", "fma", "f16c"):
+    if "avx2" in supported():  # the family's rule: avx2 + fma + f16c listed by the CPU
         flags += ["-mavx2", "-mfma", "-mf16c"]
     try:
         from torch.utils.cpp_extension import load as build
@@ -97,15 +98,6 @@ def load():
 
 _BLOCK = [b for _, b, _ in FORMATS.values()]
 _BYTES = [n for _, _, n in FORMATS.values()]
-
-
-def _cpu_has(*flags: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next(x for x in f if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return set(flags) <= set(line.split())
 
 
 def _kernel(w: Tensor):
