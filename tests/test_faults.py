@@ -22,6 +22,7 @@ import pytest
 import torch
 from helpers.checkpoints import random_model, tiny_config, write_gguf
 from helpers.distributed import run_ranks
+from helpers.launch import torchrun_cmd
 
 from llama3_dist.errors import CollectiveError
 from llama3_dist.parallel.comm import all_reduce
@@ -91,25 +92,8 @@ def kill_all(procs) -> None:
 
 def torchrun_job(tiny: Path, logs: Path, *extra: str) -> subprocess.Popen:
     """A 2-rank torchrun job, each rank's stdout/stderr in logs/**/<local rank>/std{out,err}.log."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--redirects",
-        "3",
-        "--log-dir",
-        str(logs),
-        "-m",
-        "llama3_dist",
-        "generate",
-        "--checkpoint",
-        str(tiny),
-        *LONG,
-        *extra,
-    ]
+    launcher = ("--redirects", "3", "--log-dir", str(logs))
+    cmd = torchrun_cmd(2, "generate", "--checkpoint", str(tiny), *LONG, *extra, launcher=launcher)
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV, text=True
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers.distributed import run_ranks
+from helpers.launch import torchrun_cmd
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.generate import SamplingParams, generate
@@ -23,18 +24,7 @@ ARGS = ["--prompt", "hello there", "--prompt", "x", "--max-new-tokens", "8", "--
 
 
 def torchrun(nproc: int, *args: str, **kw) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "llama3_dist",
-        "generate",
-        *args,
-    ]
+    cmd = torchrun_cmd(nproc, "generate", *args)
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 180), stdin=subprocess.DEVNULL, **kw
     )
@@ -95,15 +85,8 @@ def test_layout_mismatch_is_an_error_on_every_rank_before_loading(tiny_gguf):
 
 
 def test_a_killed_rank_ends_the_whole_job_quickly(tiny_gguf):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "llama3_dist",
+    cmd = torchrun_cmd(
+        2,
         "generate",
         "--checkpoint",
         str(tiny_gguf),
@@ -117,7 +100,7 @@ def test_a_killed_rank_ends_the_whole_job_quickly(tiny_gguf):
         "runtime.max_seq_len=30002",
         "--temperature",
         "0",
-    ]
+    )
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert job.stdout.read(1) == b"a"  # rank 0 streams the prompt once the model is loaded

@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers.checkpoints import random_model, tiny_config, write_gguf
 from helpers.distributed import run_ranks
+from helpers.launch import torchrun_cmd
 
 from llama3_dist.config import ParallelConfig, RuntimeConfig
 from llama3_dist.parallel import mesh as mesh_module
@@ -136,18 +137,7 @@ def test_no_room_for_a_segment_falls_back_to_gloo_on_every_rank():
 
 
 def torchrun(nproc: int, *args: str, stdin: str | None = None) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "llama3_dist",
-        "generate",
-        *args,
-    ]
+    cmd = torchrun_cmd(nproc, "generate", *args)
     return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
