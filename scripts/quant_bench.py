@@ -1,6 +1,7 @@
 """Quantized weights, measured: decode tok/s and peak RSS per runtime.weights/dtype, GEMV GB/s, and fidelity.
 
     python scripts/quant_bench.py speed [--checkpoint PATH] [--rounds 3] [--tokens 64] [--threads 1]
+        [--runs float:bfloat16,int8:bfloat16,int4:bfloat16]  (weights:dtype pairs; float:bfloat16 is the base)
     python scripts/quant_bench.py gemv [--threads 1]
     python scripts/quant_bench.py fidelity [--tokens 2048]
     [torchrun --nproc-per-node 2] python scripts/quant_bench.py big --weights int4 --tokens 4
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from llama3_dist.args import ModelArgs
 from llama3_dist.assemble import assemble
+from llama3_dist.bench.run import common_prefix
 from llama3_dist.checkpoint import default_checkpoint, load_model, open_checkpoint
 from llama3_dist.checkpoint.base import Checkpoint
 from llama3_dist.checkpoint.synthetic import RandomCheckpoint
@@ -47,8 +49,14 @@ def one(checkpoint: str, weights: str, dtype: str, tokens: int, threads: int) ->
             f"runtime.threads={threads}",
         ],
     )
-    ready = assemble(cfg)
-    ids = ready.tokenizer.encode("The history of the Roman Empire")
+    has_tokenizer = Path(checkpoint).suffix == ".gguf" or (Path(checkpoint) / "tokenizer.model").exists()
+    ready = assemble(cfg, tokenizer=has_tokenizer)
+    # a random-weight checkpoint has no tokenizer: Llama 3's ids of the same text
+    ids = (
+        ready.tokenizer.encode("The history of the Roman Empire")
+        if has_tokenizer
+        else [128000, 791, 3925, 315, 279, 13000, 21080]
+    )
     params = SamplingParams(tokens, temperature=0.0)
     generate(ready.model, ready.mesh, [ids], SamplingParams(4, temperature=0.0), frozenset())  # warm
     done = generate(ready.model, ready.mesh, [ids], params, frozenset())[0]
@@ -66,7 +74,7 @@ def one(checkpoint: str, weights: str, dtype: str, tokens: int, threads: int) ->
 def speed(args) -> None:
     best: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):
-        for weights, dtype in RUNS:
+        for weights, dtype in (run.split(":") for run in args.runs.split(",")):
             out = subprocess.run(
                 [
                     sys.executable,
@@ -91,16 +99,21 @@ def speed(args) -> None:
             key = (weights, dtype)
             if key not in best or r["tok_s"] > best[key]["tok_s"]:
                 best[key] = r
-    base = best[("float", "bfloat16")]["tok_s"]
-    print("| runtime.weights | runtime.dtype | weights MiB | decode tok/s | vs float bf16 | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    base_run = best[("float", "bfloat16")]
+    base = base_run["tok_s"]
+    print(
+        "| runtime.weights | runtime.dtype | weights MiB | decode tok/s | vs float bf16 | peak RSS MiB | RSS vs bf16 |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for (weights, dtype), r in best.items():
         print(
             f"| {weights} | {dtype} | {r['weight_bytes'] / 2**20:.0f} | {r['tok_s']:.1f} | "
-            f"{r['tok_s'] / base:.2f}x | {r['peak_rss'] / 2**20:.0f} |"
+            f"{r['tok_s'] / base:.2f}x | {r['peak_rss'] / 2**20:.0f} | {r['peak_rss'] / base_run['peak_rss']:.2f}x |"
         )
-    same = best[("auto", "float32")]["tokens"] == best[("float", "float32")]["tokens"]
-    print(f"auto and float greedy tokens identical (fp32): {same}")
+    for key, r in best.items():
+        if key != ("float", "bfloat16"):
+            same = common_prefix(r["tokens"], base_run["tokens"])
+            print(f"{key[0]} {key[1]}: first {same} of {len(r['tokens'])} greedy tokens as float bfloat16's")
 
 
 def gemv(args) -> None:
@@ -167,8 +180,8 @@ def fidelity(args) -> None:
         name="llama-shaped",
     )
     print(f"{len(ids)} tokens of README.md + llama3_dist/**/*.py (SmolLM2 tokenizer)")
-    print("| checkpoint | runtime.weights | perplexity | change | max abs logit error |")
-    print("|---|---|---|---|---|")
+    print("| checkpoint | runtime.weights | perplexity | change | max abs logit error | mean KL(float, q) |")
+    print("|---|---|---|---|---|---|")
     for label, ckpt, runs in (
         ("SmolLM2 Q4_1 GGUF", smol, ("auto",)),
         ("SmolLM2 dequantized (float view)", FloatView(smol), ("int8", "int4")),
@@ -176,13 +189,18 @@ def fidelity(args) -> None:
     ):
         base_logits = logits_of(load_model(ckpt, Mesh.single(), torch.float32, weights="float"), ids)
         base = math.exp(F.cross_entropy(base_logits[:-1], torch.tensor(ids[1:])).item())
-        print(f"| {label} | float | {base:.3f} | | |")
+        print(f"| {label} | float | {base:.3f} | | | |")
         for weights in runs:
             lg = logits_of(load_model(ckpt, Mesh.single(), torch.float32, weights=weights), ids)
             ppl = math.exp(F.cross_entropy(lg[:-1], torch.tensor(ids[1:])).item())
+            kl = (
+                F.kl_div(lg.log_softmax(-1), base_logits.log_softmax(-1), log_target=True, reduction="none")
+                .sum(-1)
+                .mean()
+            )
             print(
                 f"| {label} | {weights} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | "
-                f"{(lg - base_logits).abs().max().item():.2e} |"
+                f"{(lg - base_logits).abs().max().item():.2e} | {kl.item():.2e} |"
             )
 
 
@@ -233,6 +251,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--runs", default=",".join(f"{w}:{d}" for w, d in RUNS), help="speed: weights:dtype,...")
     p.add_argument("--threads", type=int, default=1, help="torch threads (speed, gemv)")
     args = p.parse_args()
     if args.what == "one":

@@ -34,9 +34,11 @@ def tokens_of(stdout: str) -> list[list[int]]:
     return [json.loads(line)["tokens"] for line in stdout.splitlines()]
 
 
-def single(path) -> list[list[int]]:
+@pytest.fixture(scope="module")
+def one_process(tiny_gguf) -> list[list[int]]:
+    """The tokens of ARGS from one plain process: what every layout and launcher must print."""
     r = subprocess.run(
-        [sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(path), *ARGS],
+        [sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(tiny_gguf), *ARGS],
         capture_output=True,
         text=True,
         timeout=120,
@@ -46,31 +48,11 @@ def single(path) -> list[list[int]]:
     return tokens_of(r.stdout)
 
 
-def test_torchrun_tp2_prints_once_and_matches_one_process(tiny_gguf):
+def test_torchrun_tp2_prints_once_and_matches_one_process(tiny_gguf, one_process):
     r = torchrun(2, "--checkpoint", str(tiny_gguf), "--set", "parallel.tensor=2", *ARGS)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 2  # rank 0 only: one JSON line per prompt
-    assert tokens_of(r.stdout) == single(tiny_gguf)
-
-
-def test_launch_script_reads_the_rank_count_from_the_config(tiny_gguf):
-    r = subprocess.run(
-        [
-            str(REPO / "launch" / "run.sh"),
-            str(REPO / "configs" / "smollm2-135m-tp2.yaml"),
-            "--",
-            "--checkpoint",
-            str(tiny_gguf),
-            *ARGS,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
-    assert r.returncode == 0, r.stderr
-    assert tokens_of(r.stdout) == single(tiny_gguf)
+    assert tokens_of(r.stdout) == one_process
 
 
 def test_layout_mismatch_is_an_error_on_every_rank_before_loading(tiny_gguf):
@@ -139,7 +121,8 @@ def test_a_raising_rank_makes_its_peer_fail_not_hang(tiny_gguf):
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-pp2", "smollm2-135m-tp2-pp2", "smollm2-135m-tp4"])
-def test_small_presets_run_through_the_launch_script(tiny_gguf, name):
+def test_small_presets_run_through_the_launch_script(tiny_gguf, one_process, name):
+    """launch/run.sh reads the rank count from the preset (2, 4 or 4 ranks) and prints one process's tokens."""
     r = subprocess.run(
         [
             str(REPO / "launch" / "run.sh"),
@@ -156,10 +139,10 @@ def test_small_presets_run_through_the_launch_script(tiny_gguf, name):
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert r.returncode == 0, r.stderr
-    assert [json.loads(x)["tokens"] for x in r.stdout.splitlines()] == single(tiny_gguf)
+    assert [json.loads(x)["tokens"] for x in r.stdout.splitlines()] == one_process
 
 
-def test_two_nodes_on_localhost_run_tp2_like_one_process(tiny_gguf):
+def test_two_nodes_on_localhost_run_tp2_like_one_process(tiny_gguf, one_process):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -188,4 +171,4 @@ def test_two_nodes_on_localhost_run_tp2_like_one_process(tiny_gguf):
     assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
     lines = [x for out, _ in outs for x in out.splitlines()]
     assert len(lines) == 2  # only global rank 0, on whichever node it landed, prints
-    assert [json.loads(x)["tokens"] for x in lines] == single(tiny_gguf)
+    assert [json.loads(x)["tokens"] for x in lines] == one_process

@@ -16,12 +16,14 @@ from gguf import GGMLQuantizationType
 from helpers.checkpoints import random_model, tiny_config, write_gguf, write_hf
 from helpers.distributed import run_ranks
 
+import llama3_dist.checkpoint
 from llama3_dist.args import ModelArgs, preset_args
 from llama3_dist.checkpoint import (
     load_model,
     meta_state,
     open_checkpoint,
     weight_formats,
+    weight_sources,
 )
 from llama3_dist.checkpoint.base import Checkpoint, expected_shapes, narrow
 from llama3_dist.checkpoint.synthetic import RandomCheckpoint
@@ -413,7 +415,7 @@ def perplexity(model, ids: list[int]) -> float:
 
 
 def fidelity(ckpt: Checkpoint, ids: list[int]) -> dict[str, tuple[float, float]]:
-    """runtime.weights -> (perplexity, max |logit - float logit|) on ids."""
+    """runtime.weights -> (perplexity, mean KL(float || quantized) of the next-token distributions) on ids."""
     dense = load_model(ckpt, Mesh.single(), torch.float32, weights="float")
     base_logits, base = logits(dense, ids), perplexity(dense, ids)
     out = {"float": (base, 0.0)}
@@ -422,7 +424,11 @@ def fidelity(ckpt: Checkpoint, ids: list[int]) -> dict[str, tuple[float, float]]
         qtypes = {n: m.qtype for n, m in model.named_modules() if hasattr(m, "qtype")}
         assert {q for n, q in qtypes.items() if n.startswith("layers.")} == {quant.ON_LOAD[weights]}, weights
         assert qtypes["tok_embeddings"] == quant.ON_LOAD_TABLE[weights], weights
-        out[weights] = (perplexity(model, ids), (logits(model, ids) - base_logits).abs().max().item())
+        got = logits(model, ids)
+        kl = (
+            F.kl_div(got.log_softmax(-1), base_logits.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+        )
+        out[weights] = (perplexity(model, ids), kl.item())
     return out
 
 
@@ -434,21 +440,48 @@ def test_int8_int4_on_load_keep_perplexity_on_smollm2(smollm2_gguf):
     assert abs(got["int4"][0] / base - 1) <= 0.03, got
 
 
-def test_int8_int4_on_load_keep_perplexity_on_a_llama_shaped_checkpoint(smollm2_gguf):
+def test_int8_int4_on_load_keep_the_distribution_on_a_llama_shaped_checkpoint(smollm2_gguf):
+    """Random weights (Q8_0 / Q4_1 as llama.cpp rounds them, seeds 3-5 measured 4-5e-4 and 0.056-0.071
+    nats): a random network amplifies weight noise, so its perplexity moves by chance; the KL bounds it."""
     args = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=49152, hidden_dim=768)
     ids = text_ids(open_checkpoint(smollm2_gguf).tokenizer(), 256)
     got = fidelity(RandomCheckpoint(args, seed=3), ids)
-    base = got["float"][0]
-    assert abs(got["int8"][0] / base - 1) <= 0.01, got
-    assert abs(got["int4"][0] / base - 1) <= 0.05, got
+    assert got["int8"][1] <= 2e-3, got
+    assert got["int4"][1] <= 0.15, got
 
 
-def test_int8_from_a_hugging_face_checkpoint_at_tp2(tmp_path):
-    path = write_hf(random_model(tiny_config(), seed=15), tmp_path / "hf")
-    want = logits(load_model(open_checkpoint(path), Mesh.single(), torch.float32, weights="int8"), [5, 6, 7])
-    got = run_ranks(hf_int8_logits, 2, str(path))
-    for rank_logits in got:
-        assert (rank_logits - want).abs().max().item() <= 1e-4
+def test_quantizing_on_load_reads_whole_heads_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """With chunks of 2 heads of rows, every int4 weight equals quantizing its whole float tensor, on a
+    Hugging Face checkpoint (q/k rows un-permuted per head) and on random weights (drawn per block of rows)."""
+    hf = open_checkpoint(write_hf(random_model(tiny_config(), seed=16), tmp_path / "hf"))
+    for ckpt in (
+        hf,
+        RandomCheckpoint(
+            ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=2000, hidden_dim=128), seed=1
+        ),
+    ):
+        model, reads = int4_in_chunks(ckpt, 2 * ckpt.args.hd * ckpt.args.dim, monkeypatch)
+        for name, p in model.named_parameters():
+            module = model.get_submodule(name.rpartition(".")[0])
+            if getattr(module, "qtype", None) is None:
+                continue
+            whole = torch.cat([ckpt.read(n, *spec) for n, spec in weight_sources(model, name)])
+            assert torch.equal(p, quant.quantize(whole, module.qtype)), name
+        assert reads["tok_embeddings.weight"] >= ckpt.args.vocab_size // (2 * ckpt.args.hd), reads
+
+
+def int4_in_chunks(ckpt: Checkpoint, chunk: int, monkeypatch) -> tuple[Transformer, Counter]:
+    """The int4 model loaded with QUANTIZE_CHUNK = chunk, and how often each tensor was read."""
+    reads, read = Counter(), ckpt.read
+
+    def counted(name, *spec):
+        reads[name] += 1
+        return read(name, *spec)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "read", counted)
+        m.setattr(llama3_dist.checkpoint, "QUANTIZE_CHUNK", chunk)
+        return load_model(ckpt, Mesh.single(), torch.float32, weights="int4"), reads
 
 
 def hf_int8_logits(mesh: Mesh, path: str):

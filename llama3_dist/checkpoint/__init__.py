@@ -165,11 +165,27 @@ def fits_blocks(model: Transformer, name: str, sources: list[tuple[str, tuple]],
     return full_in % block == 0 and all(a % block == 0 and b % block == 0 for a, b in spans)
 
 
+QUANTIZE_CHUNK = 8 << 20  # elements of float weights read and quantized at a time (32 MiB as float32)
+
+
 def quantized(ckpt: Checkpoint, name: str, qtype: str, spec: tuple) -> Tensor:
-    """The slice `spec` of tensor `name` in block format `qtype`: the file's blocks, or quantized now."""
+    """The slice `spec` of tensor `name` in block format `qtype`: the file's blocks, or quantized now.
+
+    Quantizing reads whole heads of rows a chunk at a time, so no float copy of a whole matrix (an
+    embedding table of 128256 rows is 1-2 GB) ever exists beside the blocks it becomes.
+    """
     if ckpt.qtype(name) == qtype:
         return ckpt.read_quant(name, *spec)
-    return quantize(ckpt.read(name, *spec), qtype)
+    if spec and spec[0] == 1:  # this rank's columns of a row-parallel weight: already a 1/tp share
+        return quantize(ckpt.read(name, *spec), qtype)
+    rows, cols = ckpt.shapes()[name]
+    start, stop = spec[1:] if spec else (0, rows)
+    hd = ckpt.args.hd
+    step = hd * max(1, QUANTIZE_CHUNK // (cols * hd))  # whole heads: HF's q/k rows are un-permuted per head
+    out = torch.empty(stop - start, row_bytes(qtype, cols), dtype=torch.uint8)
+    for r in range(start, stop, step):
+        out[r - start : min(r + step, stop) - start] = quantize(ckpt.read(name, 0, r, min(r + step, stop)), qtype)
+    return out
 
 
 def part_names(module_name: str, module: nn.Module) -> list[str]:

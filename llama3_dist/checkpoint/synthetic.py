@@ -14,26 +14,44 @@ from ..errors import CheckpointError
 from .base import Checkpoint, expected_shapes, narrow
 from .meta import ROW_PARALLEL
 
+ROWS_PER_DRAW = 1024  # rows of a matrix drawn from one seed: a slice of rows draws only its blocks
+
 
 def _random(
-    name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+    name: str,
+    shape: tuple[int, ...],
+    seed: int,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """N(0, 1/fan_in) matrices and 1 + 0.1 N(0, 1) norms, seeded by (seed, name) so shards agree.
+    """N(0, 1/fan_in) matrices and 1 + 0.1 N(0, 1) norms, seeded by (seed, name, block of rows) so shards agree;
+    `rows` = (start, stop) draws only those rows' blocks.
 
     The numbers depend on the device's generator: the same on every CPU, the same on every GPU.
     """
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    x = torch.randn(shape, generator=g, device=device)
-    x = 1 + 0.1 * x if len(shape) == 1 else x / math.sqrt(shape[1])
-    return x.to(dtype)
+    start, stop = rows or (0, shape[0])
+    base = seed * 1_000_003 + zlib.crc32(name.encode())
+    if len(shape) == 1:
+        g = torch.Generator(device).manual_seed(base)
+        return (1 + 0.1 * torch.randn(shape, generator=g, device=device))[start:stop].to(dtype)
+    first, last = start // ROWS_PER_DRAW, -(-stop // ROWS_PER_DRAW)
+    blocks = []
+    for b in range(first, last):
+        g = torch.Generator(device).manual_seed(base + 7919 * b)
+        n = min(ROWS_PER_DRAW, shape[0] - b * ROWS_PER_DRAW)
+        blocks.append(torch.randn((n, *shape[1:]), generator=g, device=device))
+    x = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    x = x[start - first * ROWS_PER_DRAW : stop - first * ROWS_PER_DRAW]
+    return (x / math.sqrt(shape[1])).to(dtype)
 
 
 class RandomCheckpoint(Checkpoint):
     """Random weights of an architecture, drawn on `device` as they are read (vLLM's load_format=dummy).
 
     Real widths with no file and no disk: a GPU benchmark of the 8B shape starts in seconds. Each
-    tensor is drawn whole, from a seed of (seed, name), and then sliced, so every tensor- and
-    pipeline-parallel layout on the same kind of device sees the same model.
+    block of rows is drawn from a seed of (seed, name, block), so every tensor- and pipeline-parallel
+    layout on the same kind of device sees the same model, and a slice of rows draws only its blocks.
     """
 
     def __init__(self, args: ModelArgs, device: str | torch.device = "cpu", seed: int = 0, name: str = "random"):
@@ -49,8 +67,11 @@ class RandomCheckpoint(Checkpoint):
         return dict(self._shapes)
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        full = _random(name, self._shapes[name], self.seed, torch.float32, self.device)
-        return narrow(full, dim, start, stop).clone()
+        shape = self._shapes[name]
+        if dim == 0:  # draw only the blocks of rows the slice covers
+            stop = shape[0] if stop is None else stop
+            return _random(name, shape, self.seed, torch.float32, self.device, rows=(start, stop))
+        return narrow(_random(name, shape, self.seed, torch.float32, self.device), dim, start, stop).clone()
 
     def tokenizer(self):
         raise CheckpointError(f"{self.path} has random weights and no tokenizer; give one with model.tokenizer")

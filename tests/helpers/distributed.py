@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -34,7 +35,9 @@ def _worker(fn, rank: int, world_size: int, init_file: str, layout: tuple[int, i
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
         )
         mesh = build_mesh(layout[0], layout[1], torch.device("cpu"), shm=layout[2], timeout_s=60)
-        results.put((rank, True, fn(mesh, *args)))
+        # plain pickle copies tensors into the message: the queue's own pickler would pass a shared-memory
+        # fd that the parent can only collect while this process is alive
+        results.put((rank, True, pickle.dumps(fn(mesh, *args))))
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         results.put((rank, False, traceback.format_exc()))
@@ -79,6 +82,7 @@ def run_ranks(
                     raise TimeoutError(
                         f"ranks {sorted(set(range(world_size)) - set(out))} did not finish within {timeout:.0f} s"
                     ) from None
+                value = pickle.loads(value) if ok else value
                 if outcomes:
                     out[rank] = (ok, value, time.monotonic() - start)
                 elif not ok:
