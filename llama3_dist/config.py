@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -66,6 +66,13 @@ class SamplingParams:
     top_p: float = 0.9
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated so far
+    repetition_penalty: float = 1.0  # HF's / vLLM's: logits of tokens seen (prompt too) divided by it (x it if < 0)
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def check(self, prefix: str = "generate.") -> None:
         """Raise ConfigError naming the first out-of-range value (keys shown with `prefix`)."""
@@ -77,10 +84,17 @@ class SamplingParams:
             raise ConfigError(f"{prefix}top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"{prefix}top_k: must be >= 0 (0 disables it), got {self.top_k}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, key) <= 2:
+                raise ConfigError(f"{prefix}{key}: must be in [-2, 2] (0 disables it), got {getattr(self, key)}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ConfigError(
+                f"{prefix}repetition_penalty: must be in (0, 10] (1 disables it), got {self.repetition_penalty}"
+            )
 
     def sampling(self) -> SamplingParams:
         """Just the sampling settings (a GenerateConfig carries more)."""
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed)
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
 
 @dataclass

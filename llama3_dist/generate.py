@@ -75,19 +75,50 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return order.gather(-1, choice).squeeze(-1)
 
 
+class Penalties:
+    """The history that presence, frequency and repetition penalties read, for B rows on the sampler
+    rank: how often each token was generated, and which tokens were seen (prompt included)."""
+
+    def __init__(self, prompts: list[list[int]], vocab: int, device: torch.device):
+        self.counts = torch.zeros(len(prompts), vocab, device=device)
+        self.seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            self.seen[b, torch.tensor(p, dtype=torch.long, device=device)] = True
+
+    def __call__(self, logits: Tensor, params: SamplingParams) -> Tensor:
+        """Float logits (B, V) with the penalties applied, as vLLM applies them before sampling."""
+        z = logits.float()
+        if params.repetition_penalty != 1:
+            r = params.repetition_penalty
+            z = torch.where(self.seen, torch.where(z > 0, z / r, z * r), z)
+        return z - params.frequency_penalty * self.counts - params.presence_penalty * (self.counts > 0)
+
+    def add(self, tokens: Tensor) -> None:
+        """Record each row's new token (B,)."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.counts[rows, tokens] += 1
+        self.seen[rows, tokens] = True
+
+
 class Sampler:
     """Runs one forward step on every rank and returns the sampled tokens, identical on all ranks."""
 
-    def __init__(self, model: Transformer, mesh: Mesh, params: SamplingParams, microbatches: int):
+    def __init__(self, model: Transformer, mesh: Mesh, params: SamplingParams, microbatches: int, prompts):
         self.model, self.mesh, self.params, self.microbatches = model, mesh, params, microbatches
-        self.generator = None
+        self.generator = self.penalties = None
         if mesh.rank == mesh.sampler_rank and params.seed is not None:
             self.generator = torch.Generator(device=mesh.device).manual_seed(params.seed)
+        if mesh.rank == mesh.sampler_rank and params.penalized:
+            self.penalties = Penalties(prompts, model.args.vocab_size, mesh.device)
 
     def __call__(self, tokens: Tensor, pos: Tensor, last: Tensor | None = None) -> Tensor:
         logits = run_stages(self.model, self.mesh, tokens, pos, last, self.microbatches)
         if self.mesh.rank == self.mesh.sampler_rank:
-            nxt = sample(logits[:, -1], self.params, self.generator)
+            if self.penalties is None:
+                nxt = sample(logits[:, -1], self.params, self.generator)
+            else:
+                nxt = sample(self.penalties(logits[:, -1], self.params), self.params, self.generator)
+                self.penalties.add(nxt)
         else:
             nxt = torch.empty(tokens.shape[0], dtype=torch.long, device=self.mesh.device)
         return broadcast(nxt, self.mesh.sampler_rank, self.mesh.world)  # (B,)
@@ -123,7 +154,7 @@ def generate(
     tokens = torch.zeros(B, T, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-    step = Sampler(model, mesh, params, microbatches)
+    step = Sampler(model, mesh, params, microbatches, prompts)
 
     start = time.perf_counter()
     nxt = step(tokens, torch.arange(T, device=device).expand(B, T), last=lens - 1)

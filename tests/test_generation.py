@@ -63,6 +63,37 @@ def test_sampling_is_reproducible_with_a_seed(tiny_meta):
     assert run(11) != run(12)
 
 
+PENALTIES = {"presence_penalty": 0.7, "frequency_penalty": 1.3, "repetition_penalty": 1.6}
+
+
+def penalized_greedy(model, prompt: list[int], n: int, presence: float, frequency: float, repetition: float):
+    """Greedy tokens with the penalties written out per token from a full forward pass at each step
+    (OpenAI's presence/frequency over generated tokens; HF's repetition over prompt and generated)."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        z = our_logits(model, torch.tensor([seq]))[0, -1].double()
+        for t in set(seq):
+            z[t] = z[t] / repetition if z[t] > 0 else z[t] * repetition
+        for t in set(out):
+            z[t] -= frequency * out.count(t) + presence
+        out.append(int(z.argmax()))
+        seq.append(out[-1])
+    return out
+
+
+def test_presence_frequency_and_repetition_penalties(tiny_meta):
+    model = our_model(tiny_meta)
+    prompts = [[5, 6, 7, 5, 6], [9, 9, 9]]
+    plain = [
+        c.tokens for c in generate(model, Mesh.single(), prompts, SamplingParams(12, temperature=0.0), frozenset())
+    ]
+    params = SamplingParams(12, temperature=0.0, **PENALTIES)
+    got = [c.tokens for c in generate(model, Mesh.single(), prompts, params, frozenset())]
+    want = [penalized_greedy(model, p, 12, *PENALTIES.values()) for p in prompts]
+    assert got == want
+    assert got != plain  # the penalties changed something: the test can tell
+
+
 def test_bfloat16_runs_close_to_float32(tiny_model, tiny_hf):
     tokens = prompts(tiny_model.config.vocab_size)
     full = our_logits(our_model(tiny_hf), tokens)

@@ -180,7 +180,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
 def test_quantize_is_llama_cpps_rounding_byte_for_byte(qtype):
     w = torch.randn(33, 96, generator=torch.Generator().manual_seed(8))
     want = gguf.quants.quantize(w.numpy(), GGMLQuantizationType[qtype])
-    assert torch.equal(quant.quantize(w, qtype, chunk_rows=7), torch.from_numpy(want))
+    assert torch.equal(quant.quantize(w, qtype, chunk=7 * 96), torch.from_numpy(want))
 
 
 def test_embedding_rows_are_dequantized_on_lookup():

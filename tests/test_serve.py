@@ -271,6 +271,22 @@ def test_seeded_sampling_equals_generate_alone(server, local_model):
     assert got["choices"][0]["text"] == m.tokenizer.decode(want.tokens)
 
 
+def test_penalties_equal_generate_among_other_requests(server, local_model):
+    """presence / frequency / repetition penalties (vLLM's fields) give generate's tokens while
+    unpenalized requests share the batch; without them the tokens differ."""
+    m = local_model
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.4}
+    ids = m.tokenizer.encode("abcabcabc")
+    [want] = generate(m.model, m.mesh, [ids], SamplingParams(16, temperature=0.0, **penalties), m.tokenizer.stop_ids)
+    [plain] = generate(m.model, m.mesh, [ids], SamplingParams(16, temperature=0.0), m.tokenizer.stop_ids)
+    assert want.tokens != plain.tokens
+    with ThreadPoolExecutor(3) as pool:
+        others = [pool.submit(complete, server, "other", max_tokens=24, temperature=0) for _ in range(2)]
+        got = complete(server, ids, max_tokens=16, temperature=0, **penalties)
+        [f.result() for f in others]
+    assert got["choices"][0]["text"] == m.tokenizer.decode(want.tokens)
+
+
 def test_token_id_prompts_and_batches_of_prompts(server):
     """A list of prompts is prefilled as one ragged batch; each still gives its tokens alone."""
     one = complete(server, "abc", max_tokens=5, temperature=0)["choices"][0]["text"]
@@ -447,6 +463,9 @@ def test_logprobs_and_echo_match_the_models_logits(server, local_model):
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": "x", "n": 5}, "n"),  # 4 slots
         ({"prompt": "x", "stop": [""]}, "stop"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),

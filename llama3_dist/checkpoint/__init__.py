@@ -165,7 +165,7 @@ def fits_blocks(model: Transformer, name: str, sources: list[tuple[str, tuple]],
     return full_in % block == 0 and all(a % block == 0 and b % block == 0 for a, b in spans)
 
 
-QUANTIZE_CHUNK = 8 << 20  # elements of float weights read and quantized at a time (32 MiB as float32)
+QUANTIZE_CHUNK = 1 << 20  # elements of float weights read and quantized at a time (4 MiB as float32)
 
 
 def quantized(ckpt: Checkpoint, name: str, qtype: str, spec: tuple) -> Tensor:
@@ -176,15 +176,16 @@ def quantized(ckpt: Checkpoint, name: str, qtype: str, spec: tuple) -> Tensor:
     """
     if ckpt.qtype(name) == qtype:
         return ckpt.read_quant(name, *spec)
-    if spec and spec[0] == 1:  # this rank's columns of a row-parallel weight: already a 1/tp share
-        return quantize(ckpt.read(name, *spec), qtype)
+    if spec and spec[0] == 1:  # this rank's columns of a row-parallel weight: a 1/tp share, read at once
+        return quantize(ckpt.read(name, *spec), qtype, QUANTIZE_CHUNK)
     rows, cols = ckpt.shapes()[name]
     start, stop = spec[1:] if spec else (0, rows)
     hd = ckpt.args.hd
     step = hd * max(1, QUANTIZE_CHUNK // (cols * hd))  # whole heads: HF's q/k rows are un-permuted per head
     out = torch.empty(stop - start, row_bytes(qtype, cols), dtype=torch.uint8)
     for r in range(start, stop, step):
-        out[r - start : min(r + step, stop) - start] = quantize(ckpt.read(name, 0, r, min(r + step, stop)), qtype)
+        rows_read = ckpt.read(name, 0, r, min(r + step, stop))
+        out[r - start : r - start + rows_read.shape[0]] = quantize(rows_read, qtype, QUANTIZE_CHUNK)
     return out
 
 

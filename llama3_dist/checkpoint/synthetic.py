@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 from .base import Checkpoint, expected_shapes, narrow
 from .meta import ROW_PARALLEL
 
-ROWS_PER_DRAW = 1024  # rows of a matrix drawn from one seed: a slice of rows draws only its blocks
+ROWS_PER_DRAW = 256  # rows of a matrix drawn from one seed: a slice of rows draws only its blocks
 
 
 def _random(

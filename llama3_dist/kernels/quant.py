@@ -166,11 +166,18 @@ def dequantize_torch(w: Tensor, qtype: str) -> Tensor:
     return torch.from_numpy(np.array(out, dtype=np.float32)).to(w.device)
 
 
-def quantize(t: Tensor, qtype: str, chunk_rows: int = 4096) -> Tensor:
-    """Float weights (N, K) -> blocks (N, bytes) in Q8_0, Q4_0 or Q4_1, as llama.cpp's reference quantizer rounds."""
+def quantize(t: Tensor, qtype: str, chunk: int = 1 << 20) -> Tensor:
+    """Float weights (N, K) -> blocks (N, bytes) in Q8_0, Q4_0 or Q4_1, as llama.cpp's reference quantizer rounds.
+
+    Rows are converted `chunk` elements at a time, so the float32 temporaries stay a few MiB."""
     if qtype not in ("Q8_0", "Q4_0", "Q4_1"):
         raise ValueError(f"cannot quantize to {qtype} (only Q8_0, Q4_0, Q4_1)")
-    return torch.cat([_quantize_rows(t[r : r + chunk_rows].float(), qtype) for r in range(0, t.shape[0], chunk_rows)])
+    N, K = t.shape
+    out = torch.empty(N, row_bytes(qtype, K), dtype=torch.uint8)
+    step = max(1, chunk // K)
+    for r in range(0, N, step):
+        out[r : r + step] = _quantize_rows(t[r : r + step].float(), qtype)
+    return out
 
 
 def _quantize_rows(x: Tensor, qtype: str) -> Tensor:

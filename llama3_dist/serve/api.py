@@ -9,6 +9,7 @@ drain their Outputs; they never touch the model. Errors have OpenAI's shape
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -172,8 +173,13 @@ def parse_common(
     n = get_int(body, "n", 1, 1)
     if n > state.max_batch_size:
         raise bad(f"n: {n} choices exceed runtime.max_batch_size={state.max_batch_size} KV-cache slots", "n")
+    penalties = {  # vLLM's names and defaults; OpenAI's two, and HF's repetition_penalty
+        "presence_penalty": get_float(body, "presence_penalty", 0.0),
+        "frequency_penalty": get_float(body, "frequency_penalty", 0.0),
+        "repetition_penalty": get_float(body, "repetition_penalty", 1.0),
+    }
     try:
-        SamplingParams(max_tokens or 1, temperature, top_p, max(top_k, 0), seed).check(prefix="")
+        SamplingParams(max_tokens or 1, temperature, top_p, max(top_k, 0), seed, **penalties).check(prefix="")
     except ConfigError as e:
         raise bad(str(e), str(e).split(":")[0]) from None
     stream = get_bool(body, "stream", False)
@@ -196,7 +202,7 @@ def parse_common(
             f"runtime.max_seq_len={state.max_seq_len}; shorten it",
             "messages",
         )
-    params = SamplingParams(max_tokens or 0, temperature, top_p, max(top_k, 0), seed)
+    params = SamplingParams(max_tokens or 0, temperature, top_p, max(top_k, 0), seed, **penalties)
     return Plan(
         prompts,
         max_tokens,
@@ -408,9 +414,7 @@ def sequences_of(plan: Plan, emit, stop_ids: frozenset[int]) -> list[Sequence]:
     seqs = []
     for p, prompt in enumerate(plan.prompts):
         for i in range(plan.n):
-            params = SamplingParams(
-                plan.max_tokens, plan.params.temperature, plan.params.top_p, plan.params.top_k, (base + i) % 2**64
-            )
+            params = dataclasses.replace(plan.params, max_new_tokens=plan.max_tokens, seed=(base + i) % 2**64)
             seqs.append(
                 Sequence(
                     p * plan.n + i, prompt, params, emit, plan.stop, stop_ids, plan.logprobs, plan.echo, plan.ignore_eos

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..generate import sample
+from ..generate import Penalties, sample
 from ..model import Transformer
 from ..parallel.comm import broadcast
 from ..parallel.mesh import Mesh
@@ -55,6 +55,7 @@ class Row:
     pos: int  # where the next fed token is written
     token: int  # the token fed at the next decode step
     generator: torch.Generator | None  # the sampler rank's, owned by this row alone
+    penalties: Penalties | None = None  # the sampler rank's, when the row asks for penalties
 
 
 class Driver(Protocol):
@@ -157,10 +158,12 @@ class Engine:
         for run in prefill_runs(new):
             rows = []
             for n in run:
-                gen = None
+                gen = penalties = None
                 if self.is_sampler and n.params.temperature > 0:
                     gen = torch.Generator(device=device).manual_seed(n.params.seed)
-                rows.append(Row(n, len(n.prompt), 0, gen))
+                if self.is_sampler and n.params.penalized:
+                    penalties = Penalties([n.prompt], self.model.args.vocab_size, device)
+                rows.append(Row(n, len(n.prompt), 0, gen, penalties))
                 self.slots[n.slot] = rows[-1]
             prefilled += rows
             lens = [len(n.prompt) for n in run]
@@ -195,7 +198,10 @@ class Engine:
         if self.is_sampler:
             for i, (row, lg) in enumerate(picks):
                 # each row draws from its own generator only: its tokens do not depend on the batch
-                nxt[i] = sample(lg.unsqueeze(0), row.new.params, row.generator)[0]
+                z = lg.unsqueeze(0) if row.penalties is None else row.penalties(lg.unsqueeze(0), row.new.params)
+                nxt[i] = sample(z, row.new.params, row.generator)[0]
+                if row.penalties is not None:
+                    row.penalties.add(nxt[i : i + 1])
                 if row.new.logprobs is not None:
                     result.logprobs[row.new.slot] = top_logprobs(lg, int(nxt[i]), row.new.logprobs)
         broadcast(nxt, mesh.sampler_rank, mesh.world)
