@@ -287,6 +287,20 @@ def test_penalties_equal_generate_among_other_requests(server, local_model):
     assert got["choices"][0]["text"] == m.tokenizer.decode(want.tokens)
 
 
+def test_tokenize_and_detokenize_as_vllm_and_llama_cpp_ask(server, local_model):
+    tok = local_model.tokenizer
+    got = server.post("/tokenize", {"model": "tiny", "prompt": "hello there"}).json()
+    assert got == {"tokens": tok.encode("hello there"), "count": len(tok.encode("hello there")), "max_model_len": 8192}
+    assert server.post("/tokenize", {"content": "hello there"}).json()["tokens"] == tok.encode("hello there")
+    messages = [{"role": "user", "content": "hi"}]
+    assert server.post("/tokenize", {"messages": messages}).json()["tokens"] == tok.encode_chat(messages)
+    back = server.post("/detokenize", {"tokens": got["tokens"]}).json()
+    assert back == {"prompt": tok.decode(got["tokens"]), "content": tok.decode(got["tokens"])}
+    for path, body, param in (("/detokenize", {"tokens": [1, -1]}, "tokens"), ("/tokenize", {"prompt": 5}, "prompt")):
+        r = server.post(path, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_token_id_prompts_and_batches_of_prompts(server):
     """A list of prompts is prefilled as one ragged batch; each still gives its tokens alone."""
     one = complete(server, "abc", max_tokens=5, temperature=0)["choices"][0]["text"]

@@ -251,7 +251,8 @@ def message_text(content, i: int) -> str:
     raise bad(f"messages[{i}].content: expected a string or a list of text parts", f"messages[{i}].content")
 
 
-def parse_chat(body: dict, state: ServerState) -> Plan:
+def chat_prompt(body: dict, state: ServerState) -> list[int]:
+    """`messages` rendered with the checkpoint's chat template, as token ids."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages: expected a non-empty list of {role, content} objects", "messages")
@@ -261,12 +262,16 @@ def parse_chat(body: dict, state: ServerState) -> Plan:
             raise bad(f"messages[{i}]: expected an object with a string role", f"messages[{i}]")
         rendered.append({"role": m["role"], "content": message_text(m.get("content"), i)})
     try:
-        prompt = state.tokenizer.encode_chat(rendered)
+        return state.tokenizer.encode_chat(rendered)
     except Exception as e:  # noqa: BLE001 - a template may raise anything (e.g. "roles must alternate")
         raise bad(
             f"messages: the chat template rejects them ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
             "messages",
         ) from None
+
+
+def parse_chat(body: dict, state: ServerState) -> Plan:
+    prompt = chat_prompt(body, state)
     max_tokens = get_int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", None, 1)
@@ -473,14 +478,38 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request):
         return await complete(request, chat=True)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's /tokenize (`prompt` or `messages`) and llama.cpp's (`content`): the ids a request would see."""
+        state.ready()
+        body = await json_object(request)
+        if "messages" in body:
+            tokens = chat_prompt(body, state)
+        else:
+            key = "prompt" if "prompt" in body else "content"
+            text = body.get(key)
+            if not isinstance(text, str):
+                raise bad(f"{key}: expected a string (or give messages)", key)
+            special = get_bool(body, "add_special_tokens", get_bool(body, "add_special", True))
+            tokens = state.tokenizer.encode(text, bos=None if special else False)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_seq_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's and llama.cpp's /detokenize: token ids to text (as `prompt` and as `content`)."""
+        state.ready()
+        tokens = (await json_object(request)).get("tokens")
+        vocab = state.tokenizer.n_words
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
+        ):
+            raise bad(f"tokens: expected a list of token ids in 0..{vocab - 1}", "tokens")
+        text = state.tokenizer.decode(tokens)
+        return {"prompt": text, "content": text}
+
     async def complete(request: Request, chat: bool):
         scheduler = state.ready()
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise bad("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
+        body = await json_object(request)
         plan = (parse_chat if chat else parse_completion)(body, state)
         if plan.max_tokens is None:  # chat without a limit: up to the end of the context
             plan.max_tokens = state.max_seq_len - len(plan.prompts[0])
@@ -513,6 +542,16 @@ def create_app(state: ServerState) -> FastAPI:
         return await collect(request, scheduler, seqs, outputs, responder)
 
     return app
+
+
+async def json_object(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise bad("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    return body
 
 
 async def collect(
