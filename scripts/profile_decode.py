@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step first")
+    p.add_argument("--weights", default="float", help="runtime.weights: float, auto, int8, int4")
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
@@ -52,6 +53,7 @@ def main() -> None:
         [
             f"runtime.device={args.device}",
             f"runtime.dtype={args.dtype}",
+            f"runtime.weights={args.weights}",
             f"runtime.compile={str(args.compile).lower()}",
             "runtime.cuda_graphs=false",
         ],
