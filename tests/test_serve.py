@@ -658,7 +658,7 @@ def assert_same(got: list[dict], want: list[dict]) -> None:
 
 @pytest.mark.parametrize(
     "layout, idle_s",
-    [(["parallel.tensor=2"], 3), (["parallel.pipeline=2", "runtime.timeout_s=12"], 14)],
+    [(["parallel.tensor=2", "runtime.timeout_s=15"], 3), (["parallel.pipeline=2", "runtime.timeout_s=12"], 14)],
     ids=["tp2", "pp2"],
 )
 def test_torchrun_layouts_give_the_one_process_tokens(server, tiny_gguf, layout, idle_s):
@@ -675,8 +675,34 @@ def test_torchrun_layouts_give_the_one_process_tokens(server, tiny_gguf, layout,
         assert_same(layout_outputs(dist), want)
         if "parallel.pipeline=2" in layout:
             killed_rank_ends_the_server(dist)
+        else:
+            stopped_rank_ends_the_server(dist, timeout_s=15)
     finally:
         dist.close()
+
+
+def stopped_rank_ends_the_server(dist: Server, timeout_s: float) -> None:
+    """SIGSTOP rank 1 mid-stream (alive and silent, so torchrun sees nothing): the client gets an error
+    event, and rank 0 prints one line naming the silent collective and exits within timeout_s + 10 s."""
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(dist.proc.pid).children(recursive=True)}
+    body = {"prompt": "stopped", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", f"{dist.url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            ranks["1"].suspend()
+            stopped = time.monotonic()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest and rest[-1] != "data: [DONE]", "the stream ended as if complete"
+        assert "error" in rest[-1], rest[-3:]
+        ranks["0"].wait(timeout_s + 10)  # gone, not hanging
+        exited = time.monotonic() - stopped
+        assert exited < timeout_s + 10
+        line = dist.wait_for(r"error: \[rank 0\] serve: a rank stopped answering .*", timeout=5)[0]
+        assert "rank 1" in line and "timeout" in line, line
+        print(f"\n{line} (rank 0 gone {exited:.1f} s after SIGSTOP)")
+    finally:
+        ranks["1"].kill()
 
 
 def killed_rank_ends_the_server(dist: Server) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..generate import Penalties, sample
 from ..model import Transformer
-from ..parallel.comm import broadcast
+from ..parallel.comm import broadcast, guarded
 from ..parallel.mesh import Mesh
 from ..parallel.pipeline import run_stages
 from .control import Control, NewRow, StepResult, TokenLogprobs
@@ -107,7 +107,7 @@ class Engine:
         self.slots: list[Row | None] = [None] * max_batch_size
         self.is_sampler = mesh.rank == mesh.sampler_rank
         # Control messages travel over a CPU group of their own, whatever backend the model uses.
-        self.group = None
+        self.group, self.ranks = None, tuple(range(mesh.world_size))
         if mesh.world_size > 1:
             self.group = dist.new_group(
                 list(range(mesh.world_size)), timeout=timedelta(seconds=timeout_s), backend="gloo"
@@ -118,13 +118,15 @@ class Engine:
         if self.group is None:
             return ctrl
         box = [ctrl]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        with guarded("control broadcast from rank 0", self.ranks):
+            dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def ack(self) -> None:
         """An idle step's round trip: every rank must answer, so a dead or stopped one is noticed."""
         if self.group is not None:
-            dist.all_reduce(torch.zeros(1), group=self.group)
+            with guarded("idle heartbeat all_reduce", self.ranks):
+                dist.all_reduce(torch.zeros(1), group=self.group)
 
     def run(self, driver: Driver | None) -> None:
         """The step loop, until rank 0 says stop. Rank 0 passes its driver; the other ranks None.
@@ -213,6 +215,7 @@ class Engine:
         wanted = any(r.new.logprobs is not None or r.new.prompt_logprobs for r in order)
         if wanted and mesh.sampler_rank != 0:
             box = [(result.logprobs, result.prompt_logprobs)]
-            dist.broadcast_object_list(box, src=mesh.sampler_rank, group=self.group)
+            with guarded(f"logprobs broadcast from rank {mesh.sampler_rank}", self.ranks):
+                dist.broadcast_object_list(box, src=mesh.sampler_rank, group=self.group)
             result.logprobs, result.prompt_logprobs = box[0]
         return result
