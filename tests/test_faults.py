@@ -28,7 +28,7 @@ from llama3_dist.errors import CollectiveError
 from llama3_dist.parallel.comm import all_reduce
 from llama3_dist.parallel.mesh import Mesh, build_mesh
 
-TIMEOUT_S = 5  # runtime.timeout_s of the faulty jobs
+TIMEOUT_S = 8  # runtime.timeout_s of the faulty jobs (it also bounds how far apart the ranks may finish loading)
 GRACE_S = 10  # a survivor must be gone within TIMEOUT_S + GRACE_S of the fault
 PROMPT = "a"
 LONG = [
@@ -66,6 +66,14 @@ def wait_for(predicate, timeout: float, what: str):
 
 def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def started(job: subprocess.Popen, logs: Path) -> bool:
+    """Mid-generation; a job that ended before its first token fails the test at once, with its logs."""
+    if job.poll() is not None:
+        errs = "".join(read(rank_log(logs, r, "stderr"))[-1500:] for r in (0, 1))
+        raise AssertionError(f"the job ended (exit {job.returncode}) before generating:\n{errs}")
+    return generating(rank_log(logs, 0, "stdout"))
 
 
 def generating(stdout: Path) -> bool:
@@ -153,7 +161,7 @@ def test_a_stopped_rank_ends_the_job(tiny, tmp_path, layout, stop, message):
     job = torchrun_job(tiny, tmp_path / "logs", *layout)
     survivor = 1 - stop
     try:
-        wait_for(lambda: generating(rank_log(tmp_path / "logs", 0, "stdout")), 180, "the first generated token")
+        wait_for(lambda: started(job, tmp_path / "logs"), 180, "the first generated token")
         ranks = wait_for(lambda: w if len(w := workers(job)) == 2 else None, 10, "both workers")
         ranks[stop].send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
