@@ -4,17 +4,15 @@ bad-input table is run row by row, so it stays true. Tiny valid values (temperat
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch
 from helpers.checkpoints import random_model, tiny_config, write_gguf, write_hf, write_meta
 
 from llama3_dist import cli
@@ -148,16 +146,9 @@ def test_each_bad_input_is_one_line_and_exit_2(inputs, capsys, what, args, messa
 
 @pytest.mark.parametrize("args", ["--temperature nan", "--checkpoint {truncated.gguf}"])
 def test_a_real_process_prints_one_line_and_exits_2(inputs, args):
-    cmd = [sys.executable, "-m", "llama3_dist", *shlex.split(fill(BASE, inputs)), *shlex.split(fill(args, inputs))]
     start = time.monotonic()
-    r = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    argv = [*shlex.split(fill(BASE, inputs)), *shlex.split(fill(args, inputs))]
+    r = launch.run_cli(*argv, env={"OMP_NUM_THREADS": "1"})
     print(f"\n{args}: exit {r.returncode} after {time.monotonic() - start:.1f} s")
     assert r.returncode == 2 and r.stdout == ""
     lines = [x for x in r.stderr.splitlines() if x.strip()]

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from helpers.checkpoints import random_model, tiny_config, write_hf, write_meta
+from helpers.launch import run_cli
 
 from llama3_dist.cli import main
 
@@ -20,15 +19,7 @@ JSON_KEYS = {"prompt", "prompt_tokens", "tokens", "text", "finish_reason", "pref
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "llama3_dist", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_cli(*args, timeout=timeout, env={"PYTHONUNBUFFERED": "1"})
 
 
 def test_embedded_default_knows_the_capital_of_france():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from helpers.checkpoints import (
     write_hf,
 )
 from helpers.distributed import run_ranks
+from helpers.launch import run_cli
 
 from llama3_dist.assemble import assemble
 from llama3_dist.cli import main
@@ -32,17 +32,7 @@ NINE_THREE = {"num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size":
 
 
 def cli(*args: str, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + ["-m", "llama3_dist", "explain", *args]
-    return subprocess.run(
-        cmd,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    return run_cli("explain", *args, nproc=nproc, timeout=timeout, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers.checkpoints import random_model, tiny_config, write_gguf
 from helpers.distributed import run_ranks
-from helpers.launch import torchrun_cmd
+from helpers.launch import LONG_GENERATION, LONG_PROMPT, torchrun_cmd, workers
 
 from llama3_dist.errors import CollectiveError
 from llama3_dist.parallel.comm import all_reduce
@@ -30,21 +30,8 @@ from llama3_dist.parallel.mesh import Mesh, build_mesh
 
 TIMEOUT_S = 8  # runtime.timeout_s of the faulty jobs (it also bounds how far apart the ranks may finish loading)
 GRACE_S = 10  # a survivor must be gone within TIMEOUT_S + GRACE_S of the fault
-PROMPT = "a"
-LONG = [
-    "--prompt",
-    PROMPT,
-    "--max-new-tokens",
-    "30000",
-    "--set",
-    "runtime.max_seq_len=30002",
-    "--temperature",
-    "0",
-    "--set",
-    "generate.stop=[]",
-    "--set",
-    f"runtime.timeout_s={TIMEOUT_S}",
-]
+PROMPT = LONG_PROMPT
+LONG = [*LONG_GENERATION, "--set", "generate.stop=[]", "--set", f"runtime.timeout_s={TIMEOUT_S}"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -112,19 +99,6 @@ def rank_log(logs: Path, rank: int, stream: str) -> Path:
     return found[0] if found else logs / "missing"
 
 
-def workers(job: subprocess.Popen) -> dict[int, psutil.Process]:
-    """torchrun's worker processes by RANK."""
-    out = {}
-    for p in psutil.Process(job.pid).children(recursive=True):
-        try:
-            rank = p.environ().get("RANK")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if rank is not None:
-            out[int(rank)] = p
-    return out
-
-
 SILENT = r"did not (answer|arrive) within runtime.timeout_s"
 # where the survivor notices depends on where the stop lands: the activations' send/recv or the token broadcast
 PIPELINE_OP = r"(broadcast from rank \d|send to rank \d|recv from rank \d)"
@@ -162,7 +136,7 @@ def test_a_stopped_rank_ends_the_job(tiny, tmp_path, layout, stop, message):
     survivor = 1 - stop
     try:
         wait_for(lambda: started(job, tmp_path / "logs"), 180, "the first generated token")
-        ranks = wait_for(lambda: w if len(w := workers(job)) == 2 else None, 10, "both workers")
+        ranks = wait_for(lambda: w if len(w := workers(job.pid)) == 2 else None, 10, "both workers")
         ranks[stop].send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         try:
@@ -178,7 +152,7 @@ def test_a_stopped_rank_ends_the_job(tiny, tmp_path, layout, stop, message):
         _, err = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
-            kill_all(workers(job).values())
+            kill_all(workers(job.pid).values())
             job.kill()
             job.communicate(timeout=30)
     print(check_error_line(read(rank_log(tmp_path / "logs", survivor, "stderr")), message))

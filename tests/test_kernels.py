@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.launch import run_cli
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama3_dist import kernels
@@ -191,15 +192,7 @@ def test_variants_this_cpu_cannot_run_still_compile(tmp_path):
 
 def test_a_variant_the_cpu_lacks_is_one_error_line_from_the_cli():
     wanted = next((v for v in kernels.VARIANTS if v not in SUPPORTED), "avx9000")  # avx9000: no CPU has it
-    env = {**os.environ, "LLAMA3_DIST_KERNELS": wanted}
-    r = subprocess.run(
-        [sys.executable, "-m", "llama3_dist", "generate", "--prompt", "hi", "--max-new-tokens", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    r = run_cli("generate", "--prompt", "hi", "--max-new-tokens", "2", timeout=300, env={"LLAMA3_DIST_KERNELS": wanted})
     assert r.returncode == 2 and r.stdout == ""
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [line for line in r.stderr.splitlines() if "LLAMA3_DIST_KERNELS" in line]

@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from helpers.distributed import run_ranks
-from helpers.launch import torchrun_cmd
+from helpers.launch import LONG_GENERATION, LONG_PROMPT, run_cli, torchrun_cmd, workers
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.generate import SamplingParams, generate
@@ -37,13 +36,7 @@ def tokens_of(stdout: str) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def one_process(tiny_gguf) -> list[list[int]]:
     """The tokens of ARGS from one plain process: what every layout and launcher must print."""
-    r = subprocess.run(
-        [sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(tiny_gguf), *ARGS],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    r = run_cli("generate", "--checkpoint", str(tiny_gguf), *ARGS)
     assert r.returncode == 0, r.stderr
     return tokens_of(r.stdout)
 
@@ -74,22 +67,15 @@ def test_a_killed_rank_ends_the_whole_job_quickly(tiny_gguf):
         str(tiny_gguf),
         "--set",
         "parallel.tensor=2",
-        "--prompt",
-        "a",
-        "--max-new-tokens",
-        "30000",
-        "--set",
-        "runtime.max_seq_len=30002",
-        "--temperature",
-        "0",
+        *LONG_GENERATION,
     )
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        assert job.stdout.read(1) == b"a"  # rank 0 streams the prompt once the model is loaded
+        assert job.stdout.read(1) == LONG_PROMPT.encode()  # rank 0 streams the prompt once the model is loaded
         time.sleep(1.0)
-        workers = [p for p in psutil.Process(job.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
-        assert len(workers) == 1
-        workers[0].kill()
+        rank1 = workers(job.pid).get(1)
+        assert rank1 is not None
+        rank1.kill()
         killed = time.monotonic()
         code = job.wait(timeout=60)
         assert code != 0

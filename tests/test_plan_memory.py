@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.distributed import run_ranks
+from helpers.memory import reset_peak, status
 
 from llama3_dist import kernels
 from llama3_dist.checkpoint import load_model, open_checkpoint
@@ -28,24 +29,11 @@ PARAMS = {
 MiB = 2**20
 
 
-def status(key: str) -> int:
-    """A /proc/self/status memory field in bytes (VmHWM: peak RSS; RssAnon: heap and anonymous maps;
-    RssFile: pages of mapped files, shared libraries included)."""
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def private_bytes() -> int:
     """Memory this process owns: anonymous pages plus shared memory (the shm collectives' buffers).
     File pages are left out: the first touches of torch's and the kernels' code, or of checkpoint
     pages not yet dropped, are page cache other processes share, and vary from machine to machine."""
     return status("RssAnon") + status("RssShmem")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
 
 
 def _load(mesh, path: str, batch: int, seq_len: int):

@@ -25,7 +25,7 @@ from llama3_dist.checkpoint import (
     weight_formats,
     weight_sources,
 )
-from llama3_dist.checkpoint.base import Checkpoint, expected_shapes, narrow
+from llama3_dist.checkpoint.base import Checkpoint, FloatView, expected_shapes, narrow
 from llama3_dist.checkpoint.synthetic import RandomCheckpoint
 from llama3_dist.config import ParallelConfig, load_config
 from llama3_dist.errors import ConfigError
@@ -387,19 +387,6 @@ def test_smollm2_auto_at_every_layout_matches_float(smollm2_gguf, smol_float, te
 
 
 # --- int8 / int4 on load ----------------------------------------------------------------------------
-
-
-class FloatView(Checkpoint):
-    """A checkpoint's tensors as floats only (no block formats), like a float export of the same model."""
-
-    def __init__(self, inner: Checkpoint):
-        self.inner, self.path, self.args = inner, inner.path, inner.args
-
-    def shapes(self):
-        return self.inner.shapes()
-
-    def read(self, *args):
-        return self.inner.read(*args)
 
 
 def text_ids(tokenizer, n: int) -> list[int]:

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
-import psutil
 import pytest
 import torch
 from helpers.checkpoints import random_model, tiny_config, write_gguf
+from helpers.launch import run_cli, workers
 
 from llama3_dist.assemble import assemble
 from llama3_dist.bench.serving import run_serving_bench, serving_table
@@ -217,13 +217,7 @@ def test_serve_cli_errors_are_one_line_and_exit_2(tiny_gguf):
     port = busy.getsockname()[1]
     try:
         for args, needle in [(["--port", str(port)], "cannot listen"), (["--set", "serve.port=-1"], "serve.port")]:
-            r = subprocess.run(
-                [sys.executable, "-m", "llama3_dist", "serve", "--checkpoint", str(tiny_gguf), *args],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                stdin=subprocess.DEVNULL,
-            )
+            r = run_cli("serve", "--checkpoint", str(tiny_gguf), *args)
             assert r.returncode == 2 and needle in r.stderr
             assert r.stderr.strip().splitlines()[-1].startswith("error: ")
             assert "Traceback" not in r.stderr
@@ -684,30 +678,30 @@ def test_torchrun_layouts_give_the_one_process_tokens(server, tiny_gguf, layout,
 def stopped_rank_ends_the_server(dist: Server, timeout_s: float) -> None:
     """SIGSTOP rank 1 mid-stream (alive and silent, so torchrun sees nothing): the client gets an error
     event, and rank 0 prints one line naming the silent collective and exits within timeout_s + 10 s."""
-    ranks = {p.environ().get("RANK"): p for p in psutil.Process(dist.proc.pid).children(recursive=True)}
+    ranks = workers(dist.proc.pid)
     body = {"prompt": "stopped", "max_tokens": 8000, "ignore_eos": True, "stream": True}
     try:
         with httpx.stream("POST", f"{dist.url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            ranks["1"].suspend()
+            ranks[1].suspend()
             stopped = time.monotonic()
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest and rest[-1] != "data: [DONE]", "the stream ended as if complete"
         assert "error" in rest[-1], rest[-3:]
-        ranks["0"].wait(timeout_s + 10)  # gone, not hanging
+        ranks[0].wait(timeout_s + 10)  # gone, not hanging
         exited = time.monotonic() - stopped
         assert exited < timeout_s + 10
         line = dist.wait_for(r"error: \[rank 0\] serve: a rank stopped answering .*", timeout=5)[0]
         assert "rank 1" in line and "timeout" in line, line
         print(f"\n{line} (rank 0 gone {exited:.1f} s after SIGSTOP)")
     finally:
-        ranks["1"].kill()
+        ranks[1].kill()
 
 
 def killed_rank_ends_the_server(dist: Server) -> None:
     """SIGKILL rank 1 mid-stream: the client gets an error (not a hang), the job exits non-zero within 30 s."""
-    rank1 = next(p for p in psutil.Process(dist.proc.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+    rank1 = workers(dist.proc.pid)[1]
     body = {"prompt": "killed", "max_tokens": 8000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{dist.url}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers.checkpoints import random_model, tiny_config, write_gguf
 from helpers.distributed import run_ranks
-from helpers.launch import torchrun_cmd
+from helpers.launch import run_cli, torchrun_cmd
 
 from llama3_dist.config import ParallelConfig, RuntimeConfig
 from llama3_dist.parallel import mesh as mesh_module
@@ -149,14 +149,7 @@ def torchrun(nproc: int, *args: str, stdin: str | None = None) -> subprocess.Pop
 
 
 def single(tiny: Path, prompt: str) -> list[int]:
-    r = subprocess.run(
-        [sys.executable, "-m", "llama3_dist", "generate", "--checkpoint", str(tiny), "--prompt", prompt, *ARGS],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=ENV,
-        stdin=subprocess.DEVNULL,
-    )
+    r = run_cli("generate", "--checkpoint", str(tiny), "--prompt", prompt, *ARGS, env=ENV)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["tokens"]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.distributed import run_ranks
+from helpers.memory import reset_peak, status
 from helpers.parity import BATCH, GREEDY, TOL, logits_and_tokens
 
 from llama3_dist.checkpoint import load_model, open_checkpoint
@@ -188,17 +189,11 @@ def test_real_smollm2_at_tp_matches_tp1(smollm2_gguf, tp):
 
 def _load_peak_mib(mesh: Mesh, path: str) -> tuple[float, float]:
     """(peak RSS growth while loading, this rank's parameter MiB): the high-water mark is reset first."""
-
-    def status(key: str) -> float:
-        line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
-        return int(line.split()[1]) / 1024
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    reset_peak()
     base = status("VmRSS")
     model = load_model(open_checkpoint(path), mesh, torch.float32)
     params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return status("VmHWM") - base, params
+    return (status("VmHWM") - base) / 2**20, params
 
 
 def test_tp2_loads_about_half_the_memory_per_rank(tmp_path):
