@@ -27,7 +27,7 @@ from llama3_dist.args import ModelArgs
 from llama3_dist.assemble import assemble
 from llama3_dist.bench.run import common_prefix
 from llama3_dist.checkpoint import default_checkpoint, load_model, open_checkpoint
-from llama3_dist.checkpoint.base import Checkpoint
+from llama3_dist.checkpoint.base import FloatView
 from llama3_dist.checkpoint.synthetic import RandomCheckpoint
 from llama3_dist.config import load_config
 from llama3_dist.generate import SamplingParams, generate
@@ -49,14 +49,8 @@ def one(checkpoint: str, weights: str, dtype: str, tokens: int, threads: int) ->
             f"runtime.threads={threads}",
         ],
     )
-    has_tokenizer = Path(checkpoint).suffix == ".gguf" or (Path(checkpoint) / "tokenizer.model").exists()
-    ready = assemble(cfg, tokenizer=has_tokenizer)
-    # a random-weight checkpoint has no tokenizer: Llama 3's ids of the same text
-    ids = (
-        ready.tokenizer.encode("The history of the Roman Empire")
-        if has_tokenizer
-        else [128000, 791, 3925, 315, 279, 13000, 21080]
-    )
+    ready = assemble(cfg)  # a Meta directory without tokenizer.model gets Llama 3's from llama-models
+    ids = ready.tokenizer.encode("The history of the Roman Empire")
     params = SamplingParams(tokens, temperature=0.0)
     generate(ready.model, ready.mesh, [ids], SamplingParams(4, temperature=0.0), frozenset())  # warm
     done = generate(ready.model, ready.mesh, [ids], params, frozenset())[0]
@@ -144,19 +138,6 @@ def gemv(args) -> None:
             rows.append((qtype, timed(lambda: quant.linear(x, q, qtype)), q.numel()))
         for name, t, nbytes in rows:
             print(f"| {N} x {K} | {name} | {t * 1e3:.3f} | {nbytes / t / 1e9:.2f} | {t32 / t:.2f}x |")
-
-
-class FloatView(Checkpoint):
-    """A checkpoint's tensors as floats only, so int8 / int4 quantize them (a float export of the model)."""
-
-    def __init__(self, inner: Checkpoint):
-        self.inner, self.path, self.args = inner, inner.path, inner.args
-
-    def shapes(self):
-        return self.inner.shapes()
-
-    def read(self, *args):
-        return self.inner.read(*args)
 
 
 def text_ids(tokenizer, n: int) -> list[int]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..errors import CheckpointError, TokenizerError
 from ..kernels import quant
-from ..kernels.quant import ON_LOAD, ON_LOAD_TABLE, block_size, dequantize, quantize, row_bytes
+from ..kernels.quant import ON_LOAD, ON_LOAD_TABLE, QUANTIZE_CHUNK, block_size, dequantize, quantize, row_bytes
 from ..model import Transformer
 from ..parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from ..parallel.mesh import Mesh
@@ -163,9 +163,6 @@ def fits_blocks(model: Transformer, name: str, sources: list[tuple[str, tuple]],
     full_in = expected_shapes(model.args)[sources[0][0]][1]
     spans = [spec[1:] for _, spec in sources if spec and spec[0] == 1]
     return full_in % block == 0 and all(a % block == 0 and b % block == 0 for a, b in spans)
-
-
-QUANTIZE_CHUNK = 1 << 20  # elements of float weights read and quantized at a time (4 MiB as float32)
 
 
 def quantized(ckpt: Checkpoint, name: str, qtype: str, spec: tuple) -> Tensor:

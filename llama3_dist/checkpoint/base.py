@@ -45,6 +45,20 @@ class Checkpoint:
         raise NotImplementedError
 
 
+class FloatView(Checkpoint):
+    """Another checkpoint's tensors as floats only (its block formats dequantized, as a float export of the
+    same model would hold them), so runtime.weights=int8 / int4 quantize every matrix anew."""
+
+    def __init__(self, inner: Checkpoint):
+        self.inner, self.path, self.args = inner, inner.path, inner.args
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.inner.shapes()
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        return self.inner.read(name, dim, start, stop)
+
+
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Meta name -> full shape, for every tensor of the architecture."""
     d, hd, v, f = args.dim, args.hd, args.vocab_size, args.hidden_dim

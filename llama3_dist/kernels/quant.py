@@ -166,7 +166,10 @@ def dequantize_torch(w: Tensor, qtype: str) -> Tensor:
     return torch.from_numpy(np.array(out, dtype=np.float32)).to(w.device)
 
 
-def quantize(t: Tensor, qtype: str, chunk: int = 1 << 20) -> Tensor:
+QUANTIZE_CHUNK = 1 << 20  # float elements converted at a time (4 MiB as float32): the temporaries stay small
+
+
+def quantize(t: Tensor, qtype: str, chunk: int = QUANTIZE_CHUNK) -> Tensor:
     """Float weights (N, K) -> blocks (N, bytes) in Q8_0, Q4_0 or Q4_1, as llama.cpp's reference quantizer rounds.
 
     Rows are converted `chunk` elements at a time, so the float32 temporaries stay a few MiB."""
