@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers.assets import llama3_tokenizer_path, smollm2_gguf_path
+from helpers.checkpoints import random_model, tiny_config, write_gguf
 from helpers.tiny import TinyCheckpoints
 from transformers import LlamaForCausalLM
 
@@ -48,6 +49,13 @@ def tiny_meta_mp2(tiny) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf(tiny) -> Path:
     return tiny.path(fmt="hf")
+
+
+@pytest.fixture(scope="session")
+def long_gguf(tmp_path_factory) -> Path:
+    """A tiny random GGUF whose greedy generation from LONG_PROMPT does not stop at EOS for a long time
+    (seed 41): a fault injected after its first token lands mid-generation."""
+    return write_gguf(random_model(tiny_config(), seed=41), tmp_path_factory.mktemp("long") / "tiny.gguf")
 
 
 @pytest.fixture(scope="session")

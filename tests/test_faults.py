@@ -20,7 +20,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers.checkpoints import random_model, tiny_config, write_gguf
 from helpers.distributed import run_ranks
 from helpers.launch import LONG_GENERATION, LONG_PROMPT, torchrun_cmd, workers
 
@@ -36,8 +35,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_gguf(random_model(tiny_config(), seed=41), tmp_path_factory.mktemp("m") / "tiny.gguf")
+def tiny(long_gguf) -> Path:
+    return long_gguf
 
 
 def wait_for(predicate, timeout: float, what: str):

@@ -59,12 +59,12 @@ def test_layout_mismatch_is_an_error_on_every_rank_before_loading(tiny_gguf):
     assert "loading" not in r.stderr and r.stdout == ""
 
 
-def test_a_killed_rank_ends_the_whole_job_quickly(tiny_gguf):
+def test_a_killed_rank_ends_the_whole_job_quickly(long_gguf):
     cmd = torchrun_cmd(
         2,
         "generate",
         "--checkpoint",
-        str(tiny_gguf),
+        str(long_gguf),
         "--set",
         "parallel.tensor=2",
         *LONG_GENERATION,
