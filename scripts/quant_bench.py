@@ -123,7 +123,7 @@ def gemv(args) -> None:
             fn()
         return (time.perf_counter() - t0) / n
 
-    print(f"kernel: {ops.isa() if ops else 'torch fallback'}, {torch.get_num_threads()} threads")
+    print(f"kernel: {ops.variant if ops else 'torch fallback'}, {torch.get_num_threads()} threads")
     print("| N x K | weights | ms | GB/s of weights | vs fp32 |")
     print("|---|---|---|---|---|")
     for N, K in ((1536, 576), (49152, 576), (4096, 4096), (14336, 4096)):

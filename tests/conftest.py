@@ -13,6 +13,8 @@ from helpers.checkpoints import random_model, tiny_config, write_gguf
 from helpers.tiny import TinyCheckpoints
 from transformers import LlamaForCausalLM
 
+from llama3_dist import kernels
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
@@ -62,3 +64,16 @@ def long_gguf(tmp_path_factory) -> Path:
 def tiny_gguf(tiny) -> Path:
     """A random 4-layer model with a byte-level vocab: any text is a valid prompt."""
     return tiny.path(fmt="gguf")
+
+
+@pytest.fixture
+def force(monkeypatch):
+    """force(name): set LLAMA3_DIST_KERNELS=name and redo the kernel dispatch; restored after the test."""
+
+    def set_variant(name: str) -> None:
+        monkeypatch.setenv("LLAMA3_DIST_KERNELS", name)
+        kernels.reset()
+
+    yield set_variant
+    monkeypatch.delenv("LLAMA3_DIST_KERNELS", raising=False)
+    kernels.reset()

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..errors import CheckpointError, TokenizerError
-from ..kernels import quant
 from ..kernels.quant import ON_LOAD, ON_LOAD_TABLE, QUANTIZE_CHUNK, block_size, dequantize, quantize, row_bytes
 from ..model import Transformer
 from ..parallel.layers import VocabParallelEmbedding, VocabParallelHead
@@ -105,9 +104,7 @@ def load_model(
     model.tie_weights()
     trim_heap()
     if mesh.device.type == "cpu":
-        kernels.load()  # build or load the decode kernels now, not inside the first timed step
-        if formats and any(formats.values()):
-            quant.load()
+        kernels.load()  # build or load the decode kernels (float and quantized) now, not inside the first timed step
     return model.eval()
 
 

@@ -2,9 +2,9 @@
 
 `linear(x, w)` is F.linear, except that a few rows of x (a decode step) go through the gemv of
 `decode.cpp`, which streams the weights once at close to memory bandwidth. `fused(name, x)` hands
-out the fused steps of an eager decode layer (rms_norm, rope, silu_mul, attend_decode). The same
-source is compiled for each variant below with its own -m flags and registers
-torch.ops.llama3_dist.<op>_<variant>:
+out the fused steps of an eager decode layer (rms_norm, rope, silu_mul, attend_decode); `quant.py`
+the matmuls over quantized blocks of `quant.cpp`. The same sources are compiled together for each
+variant below with its own -m flags, and register torch.ops.llama3_dist.<op>_<variant>:
 
     avx512bf16  AVX-512 F/BW/VL + AVX512-BF16: fp32 FMAs, bf16 dot products (vdpbf16ps)
     avx512      AVX-512 F/BW/VL: fp32 FMAs, bf16 widened to fp32 in registers (a shift and a mask)
@@ -60,7 +60,7 @@ CFLAGS = {
     "avx2": ["-DL3D_AVX2", "-mavx2", "-mfma", "-mf16c"],
     "portable": [],
 }
-SOURCE = Path(__file__).with_name("decode.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode.cpp", "quant.cpp")]  # + isa.h
 FUSED = ("rms_norm", "rope", "silu_mul", "attend_decode")  # ops beside gemv, one per eager decode step part
 
 _built: set[str] = set()  # variants built and loaded in this process
@@ -159,7 +159,7 @@ def _build(variant: str) -> None:
             warnings.simplefilter("ignore")
             cpp_load(
                 f"llama3_dist_kernels_{variant}",
-                [str(SOURCE)],
+                [str(path) for path in SOURCES],
                 build_directory=str(out),
                 extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *CFLAGS[variant]],
                 extra_ldflags=["-fopenmp"],
@@ -178,7 +178,7 @@ def _build(variant: str) -> None:
         "rope": lambda x, freqs: x.new_empty(x.shape),
         "silu_mul": lambda gate, up: gate.new_empty(gate.shape),
         "attend_decode": lambda q, k, v, mask: q.new_empty(q.shape),
-    }
+    }  # quant.py gives its ops (qlinear_<variant>, dequant_<variant>) their shapes
     for name, fake in fakes.items():
         torch.library.register_fake(f"llama3_dist::{name}_{variant}")(fake)
 
@@ -204,7 +204,7 @@ def load():
         try:
             _gemv = op(want)
         except BuildError as e:
-            log.warning("could not build the %s decode kernel (%s); decode matmuls use torch's F.linear", want, e)
+            log.warning("could not build the %s decode kernels (%s); decode matmuls use torch's F.linear", want, e)
             want = "torch"
     _chosen = want
     log.info("decode kernels: %s (CPU: %s)", want, isa_summary())

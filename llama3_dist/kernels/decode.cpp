@@ -26,23 +26,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(L3D_AVX512BF16) || defined(L3D_AVX512) || defined(L3D_AVX2)
-#include <immintrin.h>
-#endif
-
-#if defined(L3D_AVX512BF16)
-#define L3D_ISA avx512bf16
-#elif defined(L3D_AVX512)
-#define L3D_ISA avx512
-#elif defined(L3D_AVX2)
-#define L3D_ISA avx2
-#else
-#define L3D_ISA portable
-#endif
-#define L3D_STR2(x) #x
-#define L3D_STR(x) L3D_STR2(x)
-#define L3D_CAT2(a, b) a##b
-#define L3D_CAT(a, b) L3D_CAT2(a, b)
+#include "isa.h"
 
 namespace {
 
@@ -469,7 +453,6 @@ at::Tensor attend_decode(const at::Tensor& q_in, const at::Tensor& k, const at::
 
 // Native ops per build (torch.ops.llama3_dist.gemv_<isa> & co.): called from Python without a
 // Python wrapper, and from torch.compile's generated code like any aten op.
-#define L3D_OP(name) L3D_STR(L3D_CAT(name, L3D_CAT(_, L3D_ISA)))
 TORCH_LIBRARY_FRAGMENT(llama3_dist, m) {
   m.def(L3D_OP(gemv) "(Tensor x, Tensor w) -> Tensor");
   m.def(L3D_OP(rms_norm) "(Tensor x, Tensor w, float eps) -> Tensor");

@@ -5,19 +5,19 @@
 // row of W is read once, its blocks are dequantized in registers (AVX2 + FMA for the 32-element
 // formats) or into a 256-float buffer in L1 (the K-quant super-blocks), and dotted with every row
 // of x in float32. `dequant` expands rows of W to float32 (prefill, embedding lookups).
-// Without AVX2 the same loops run on a portable scalar dequantizer, which the compiler vectorises.
+// Part of the kernel family (kernels/__init__.py): compiled with decode.cpp once per instruction
+// set, registering torch.ops.llama3_dist.qlinear_<isa> / dequant_<isa>. The x86 builds (avx2 and
+// the AVX-512 ones) run the AVX2 + FMA + F16C loops; the portable build runs a scalar dequantizer
+// that the compiler vectorises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cstring>
-#include <string>
+#include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define QUANT_AVX2 1
-#endif
+#include "isa.h"
 
 namespace {
 
@@ -95,7 +95,7 @@ void dequant_block(const uint8_t* b, float* y) {
 
 // Portable row kernel: y[m] = sum over blocks of dot(dequant(block), x[m]) for M rows of x.
 template <int Q>
-void row_portable(const uint8_t* w, const float* x, int64_t M, int64_t K, float* acc) {
+void row_portable(const uint8_t* w, const float* x, const float* /*xsum*/, int64_t M, int64_t K, float* acc) {
   constexpr int64_t B = kBlock[Q];
   float buf[B];
   for (int64_t m = 0; m < M; ++m) acc[m] = 0.0f;
@@ -110,7 +110,7 @@ void row_portable(const uint8_t* w, const float* x, int64_t M, int64_t K, float*
   }
 }
 
-#ifdef QUANT_AVX2
+#ifdef L3D_X86_SIMD
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -118,50 +118,70 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline __m256 u8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+inline __m256 f16x8(const uint8_t* p) { return _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(p))); }
+inline __m256 i8x8(const uint8_t* p) {  // 8 int8 -> 8 floats (one vpmovsxbd from memory)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
-// One 32-element block dequantized into four registers w[0..3] (elements 0-7, 8-15, 16-23, 24-31).
+// dot(q, x) over one 32-element block, q its integer codes (scale not applied): four groups of 8
+// converted to float and multiplied by x, summed in a short tree so that the only chain carried
+// from block to block is the one FMA that applies the scale.
 template <int Q>
-inline void load_block(const uint8_t* b, __m256* w) {
-  const __m256 d = _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(b)));
+inline __m256 block_dot(const uint8_t* b, const float* x) {
   if constexpr (Q == Q8_0) {
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    w[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
-    w[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
-    w[2] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
-    w[3] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
+    const uint8_t* q = b + 2;
+    const __m256 p0 = _mm256_fmadd_ps(i8x8(q + 16), _mm256_loadu_ps(x + 16), _mm256_mul_ps(i8x8(q), _mm256_loadu_ps(x)));
+    const __m256 p1 =
+        _mm256_fmadd_ps(i8x8(q + 24), _mm256_loadu_ps(x + 24), _mm256_mul_ps(i8x8(q + 8), _mm256_loadu_ps(x + 8)));
+    return _mm256_add_ps(p0, p1);
   } else {
-    const __m256 m = Q == Q4_1 ? _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(b + 2)))
-                               : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == Q4_1 ? 4 : 2)));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    w[0] = _mm256_fmadd_ps(u8x8(lo), d, m);
-    w[1] = _mm256_fmadd_ps(u8x8(_mm_srli_si128(lo, 8)), d, m);
-    w[2] = _mm256_fmadd_ps(u8x8(hi), d, m);
-    w[3] = _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), d, m);
+    // Byte j holds element j (low nibble) and element j + 16 (high nibble): 8 bytes widened to
+    // 32-bit lanes give 8 elements with a mask and 8 more with a shift.
+    const uint8_t* q = b + (Q == Q4_1 ? 4 : 2);
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    const __m256i bias = _mm256_set1_epi32(Q == Q4_0 ? 8 : 0);  // Q4_0 codes are q - 8
+    const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+    const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+    auto f = [&](__m256i i) { return _mm256_cvtepi32_ps(Q == Q4_0 ? _mm256_sub_epi32(i, bias) : i); };
+    const __m256 p0 = _mm256_fmadd_ps(f(_mm256_srli_epi32(v0, 4)), _mm256_loadu_ps(x + 16),
+                                      _mm256_mul_ps(f(_mm256_and_si256(v0, mask)), _mm256_loadu_ps(x)));
+    const __m256 p1 = _mm256_fmadd_ps(f(_mm256_srli_epi32(v1, 4)), _mm256_loadu_ps(x + 24),
+                                      _mm256_mul_ps(f(_mm256_and_si256(v1, mask)), _mm256_loadu_ps(x + 8)));
+    return _mm256_add_ps(p0, p1);
   }
 }
 
-// MT rows of x against one row of W, accumulators in registers.
+// MT rows of x against one row of W, accumulators in registers. For the 32-element formats
+// dot(d * q + m, x) = d * dot(q, x) + m * sum(x): xsum holds each block's sum(x) per row (Q4_1).
 template <int Q, int MT>
-void tile_avx2(const uint8_t* w, const float* x, int64_t K, float* out) {
-  __m256 acc[MT][2];
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, float* out) {
   if constexpr (kBlock[Q] == 32) {
-    __m256 v[4];
-    for (int64_t k = 0; k < K; k += 32, w += kBytes[Q]) {
-      load_block<Q>(w, v);
+    const int64_t nb = K / 32;
+    __m256 acc[MT][2];
+    float macc[MT];
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps(), macc[m] = 0.0f;
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2, w += 2 * kBytes[Q]) {  // two blocks per step: two independent chains
+      const __m256 d0 = f16x8(w), d1 = f16x8(w + kBytes[Q]);
       for (int m = 0; m < MT; ++m) {
-        const float* xm = x + m * K + k;
-        acc[m][0] = _mm256_fmadd_ps(v[0], _mm256_loadu_ps(xm), acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xm + 8), acc[m][1]);
-        acc[m][0] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xm + 16), acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xm + 24), acc[m][1]);
+        const float* xm = x + m * K + i * 32;
+        acc[m][0] = _mm256_fmadd_ps(block_dot<Q>(w, xm), d0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(block_dot<Q>(w + kBytes[Q], xm + 32), d1, acc[m][1]);
+        if constexpr (Q == Q4_1)
+          macc[m] += f16(w + 2) * xsum[m * nb + i] + f16(w + kBytes[Q] + 2) * xsum[m * nb + i + 1];
       }
     }
-  } else {  // super-blocks: expand into L1, then the same FMAs
+    for (; i < nb; ++i, w += kBytes[Q]) {
+      const __m256 d0 = f16x8(w);
+      for (int m = 0; m < MT; ++m) {
+        acc[m][0] = _mm256_fmadd_ps(block_dot<Q>(w, x + m * K + i * 32), d0, acc[m][0]);
+        if constexpr (Q == Q4_1) macc[m] += f16(w + 2) * xsum[m * nb + i];
+      }
+    }
+    for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + macc[m];
+  } else {  // super-blocks: expand into L1, then FMAs
+    __m256 acc[MT][2];
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     alignas(32) float buf[256];
     for (int64_t k = 0; k < K; k += 256, w += kBytes[Q]) {
       dequant_block<Q>(w, buf);
@@ -173,41 +193,42 @@ void tile_avx2(const uint8_t* w, const float* x, int64_t K, float* out) {
         }
       }
     }
+    for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
   }
-  for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
 }
 
 // Rows of x in tiles of up to 4 (the row of W stays in L1 between tiles).
 template <int Q>
-void row_avx2(const uint8_t* w, const float* x, int64_t M, int64_t K, float* out) {
+void row_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t M, int64_t K, float* out) {
+  const int64_t nb = K / kBlock[Q];
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_avx2<Q, 4>(w, x + m * K, K, out + m);
+  for (; m + 4 <= M; m += 4) tile_avx2<Q, 4>(w, x + m * K, xsum + m * nb, K, out + m);
   switch (M - m) {
-    case 3: tile_avx2<Q, 3>(w, x + m * K, K, out + m); break;
-    case 2: tile_avx2<Q, 2>(w, x + m * K, K, out + m); break;
-    case 1: tile_avx2<Q, 1>(w, x + m * K, K, out + m); break;
+    case 3: tile_avx2<Q, 3>(w, x + m * K, xsum + m * nb, K, out + m); break;
+    case 2: tile_avx2<Q, 2>(w, x + m * K, xsum + m * nb, K, out + m); break;
+    case 1: tile_avx2<Q, 1>(w, x + m * K, xsum + m * nb, K, out + m); break;
   }
 }
 #endif
 
-using RowFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, float*);
+using RowFn = void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*);
 
 template <int Q>
-RowFn row_fn(bool portable) {
-#ifdef QUANT_AVX2
-  if (!portable) return &row_avx2<Q>;
-#endif
-  (void)portable;
+constexpr RowFn row_fn() {
+#ifdef L3D_X86_SIMD
+  return &row_avx2<Q>;
+#else
   return &row_portable<Q>;
+#endif
 }
 
-RowFn pick(int64_t qtype, bool portable) {
+RowFn pick(int64_t qtype) {
   switch (qtype) {
-    case Q8_0: return row_fn<Q8_0>(portable);
-    case Q4_0: return row_fn<Q4_0>(portable);
-    case Q4_1: return row_fn<Q4_1>(portable);
-    case Q4_K: return row_fn<Q4_K>(portable);
-    case Q6_K: return row_fn<Q6_K>(portable);
+    case Q8_0: return row_fn<Q8_0>();
+    case Q4_0: return row_fn<Q4_0>();
+    case Q4_1: return row_fn<Q4_1>();
+    case Q4_K: return row_fn<Q4_K>();
+    case Q6_K: return row_fn<Q6_K>();
   }
   TORCH_CHECK(false, "quant: unknown qtype ", qtype);
 }
@@ -219,7 +240,7 @@ int64_t in_features(const at::Tensor& w, int64_t qtype) {
   return w.size(1) / kBytes[qtype] * kBlock[qtype];
 }
 
-at::Tensor qlinear_impl(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, bool portable) {
+at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
   const int64_t K = in_features(w, qtype);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "qlinear: x must be (M, ", K, ")");
   const int64_t M = x_in.size(0), N = w.size(0), row_bytes = w.size(1);
@@ -229,17 +250,18 @@ at::Tensor qlinear_impl(const at::Tensor& x_in, const at::Tensor& w, int64_t qty
   const float* X = x.data_ptr<float>();
   const uint8_t* W = w.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
-  const RowFn row = pick(qtype, portable);
+  const RowFn row = pick(qtype);
+  // Per row of x, the sum of each 32-element block (the minimums' term of Q4_1), once per call.
+  std::vector<float> xsum(qtype == Q4_1 ? M * (K / 32) : 0);
+  for (size_t b = 0; b < xsum.size(); ++b) {
+    float s = 0.0f;
+    for (int j = 0; j < 32; ++j) s += X[b * 32 + j];
+    xsum[b] = s;
+  }
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, M, K, Y + n * M);
+    for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, xsum.data(), M, K, Y + n * M);
   });
   return y.t().to(x_in.scalar_type()).contiguous();
-}
-
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t qtype) { return qlinear_impl(x, w, qtype, false); }
-
-at::Tensor qlinear_portable(const at::Tensor& x, const at::Tensor& w, int64_t qtype) {
-  return qlinear_impl(x, w, qtype, true);
 }
 
 template <int Q>
@@ -267,25 +289,15 @@ at::Tensor dequant(const at::Tensor& w, int64_t qtype) {
   return y;
 }
 
-std::string isa() {
-#ifdef QUANT_AVX2
-  return "avx2";
-#else
-  return "portable";
-#endif
-}
-
 }  // namespace
 
-// Native ops (torch.ops.llama3_quant.*): callable from torch.compile's generated code like aten ops.
-TORCH_LIBRARY(llama3_quant, m) {
-  m.def("qlinear(Tensor x, Tensor w, int qtype) -> Tensor");
-  m.def("qlinear_portable(Tensor x, Tensor w, int qtype) -> Tensor");
-  m.def("dequant(Tensor w, int qtype) -> Tensor");
-  m.def("isa() -> str", &isa);
+// Native ops of this build (torch.ops.llama3_dist.qlinear_<isa>, dequant_<isa>): callable from
+// torch.compile's generated code like aten ops.
+TORCH_LIBRARY_FRAGMENT(llama3_dist, m) {
+  m.def(L3D_OP(qlinear) "(Tensor x, Tensor w, int qtype) -> Tensor");
+  m.def(L3D_OP(dequant) "(Tensor w, int qtype) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(llama3_quant, CPU, m) {
-  m.impl("qlinear", &qlinear);
-  m.impl("qlinear_portable", &qlinear_portable);
-  m.impl("dequant", &dequant);
+TORCH_LIBRARY_IMPL(llama3_dist, CPU, m) {
+  m.impl(L3D_OP(qlinear), &qlinear);
+  m.impl(L3D_OP(dequant), &dequant);
 }

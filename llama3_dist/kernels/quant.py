@@ -12,27 +12,21 @@ names); None means a float weight.
     Q6_K  256: 16 x 16 6-bit, int8 scales        (210 bytes / 256)
 
 A decode step (at most MAX_ROWS rows of x) on CPU runs `quant.cpp`, which dequantizes in registers
-and accumulates in float32 (AVX2 + FMA, or a portable path); it is JIT-built once and cached like
-the float kernel. Larger inputs (prefill) dequantize a block of rows at a time and call F.linear.
-Without a compiler (or with LLAMA3_DIST_KERNELS=torch, or on CUDA) every path is torch's: the
-dequantizers below, then F.linear.
+and accumulates in float32: the variant of the kernel family that `kernels` chose (its avx2 and
+AVX-512 builds run AVX2 + FMA loops, its portable build a loop the compiler vectorises). Larger
+inputs (prefill) dequantize a block of rows at a time and call F.linear. Where the family is not
+built (no compiler, LLAMA3_DIST_KERNELS=torch, or CUDA) every path is torch's: the dequantizers
+below, then F.linear.
 """
 
 from __future__ import annotations
-
-import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import linear as float_linear
-from . import supported
-
-log = logging.getLogger(__name__)
+from .. import kernels
 
 # qtype -> (code in quant.cpp, elements per block, bytes per block)
 FORMATS = {"Q8_0": (0, 32, 34), "Q4_0": (1, 32, 18), "Q4_1": (2, 32, 20), "Q4_K": (3, 256, 144), "Q6_K": (4, 256, 210)}
@@ -43,8 +37,6 @@ ON_LOAD = {"int8": "Q8_0", "int4": "Q4_1"}
 ON_LOAD_TABLE = {"int8": "Q8_0", "int4": "Q8_0"}
 MAX_ROWS = 16
 PREFILL_CHUNK_BYTES = 32 << 20  # float32 bytes of W dequantized at a time for a matrix-matrix product
-_ops = None
-_tried = False
 
 
 def block_size(qtype: str) -> int:
@@ -62,38 +54,35 @@ def in_features(w: Tensor, qtype: str) -> int:
     return w.shape[-1] // nbytes * block
 
 
-def load():
-    """The compiled ops (torch.ops.llama3_quant), or None where they cannot be had (warned once)."""
-    global _ops, _tried
-    if _tried:
-        return _ops
-    _tried = True
-    if os.environ.get("LLAMA3_DIST_KERNELS", "auto") == "torch":
-        return None
-    flags = ["-O3"]
-    if "avx2" in supported():  # the family's rule: avx2 + fma + f16c listed by the CPU
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    try:
-        from torch.utils.cpp_extension import load as build
+class Ops:
+    """One variant's quantized ops: qlinear(x, w, code) and dequant(w, code)."""
 
-        build(
-            "llama3_dist_quant",
-            [str(Path(__file__).with_name("quant.cpp"))],
-            is_python_module=False,
-            extra_cflags=flags,
-            verbose=False,
-        )
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, ...: fall back, never fail
-        log.warning("could not build the quantized kernel (%s); quantized matmuls use torch", str(e).splitlines()[0])
-        return None
-    for op in ("qlinear", "qlinear_portable"):
-        torch.library.register_fake(f"llama3_quant::{op}")(lambda x, w, qtype: x.new_empty(x.shape[0], w.shape[0]))
-    torch.library.register_fake("llama3_quant::dequant")(
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.qlinear = kernels.op(variant, "qlinear")
+        self.dequant = kernels.op(variant, "dequant")
+
+
+_ops: dict[str, Ops] = {}
+
+
+def ops_of(variant: str) -> Ops:
+    """`variant`'s ops, built on first use (raises kernels.BuildError), with their shapes for torch.compile."""
+    if variant in _ops:
+        return _ops[variant]
+    found = _ops[variant] = Ops(variant)
+    torch.library.register_fake(f"llama3_dist::qlinear_{variant}")(
+        lambda x, w, qtype: x.new_empty(x.shape[0], w.shape[0])
+    )
+    torch.library.register_fake(f"llama3_dist::dequant_{variant}")(
         lambda w, qtype: w.new_empty(w.shape[0], w.shape[1] // _BYTES[qtype] * _BLOCK[qtype], dtype=torch.float32)
     )
-    _ops = torch.ops.llama3_quant
-    log.info("quantized kernel: %s", _ops.isa())
-    return _ops
+    return found
+
+
+def load() -> Ops | None:
+    """The quantized ops of the variant `kernels` chose, or None where quantized matmuls use torch."""
+    return None if kernels.load() is None else ops_of(kernels.variant())
 
 
 _BLOCK = [b for _, b, _ in FORMATS.values()]
@@ -115,7 +104,7 @@ def dequantize(w: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> Ten
 def linear(x: Tensor, w: Tensor, qtype: str | None) -> Tensor:
     """x @ W.T (no bias) for a float weight (qtype None) or a quantized one; float32 accumulation."""
     if qtype is None:
-        return float_linear(x, w)
+        return kernels.linear(x, w)
     K = x.shape[-1]
     rows = x.numel() // K
     ops = _kernel(w)
