@@ -76,7 +76,8 @@ def hf_model_from(ckpt, dtype: torch.dtype, device: str = "cpu"):
 
 
 def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
-    """The same weights as a dense F32/BF16 llama GGUF for llama.cpp (tokenizer copied from a GGUF source)."""
+    """The same weights as a llama GGUF for llama.cpp (tokenizer copied from a GGUF source): matrices in
+    `dtype` (float32, bfloat16, or a block format gguf writes: Q8_0), vectors (the norms) in F32."""
     ckpt = open_checkpoint(ckpt_path)
     a = ckpt.args
     model = load_model(ckpt, Mesh.single(), torch.float32)
@@ -104,12 +105,9 @@ def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
     for name, p in meta_state(model):
         gname = gguf_name(name)
         data = p.detach().numpy().astype(np.float32)
-        if dtype == "bfloat16" and data.ndim == 2:
-            w.add_tensor(
-                gname,
-                gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
-                raw_dtype=gguf.GGMLQuantizationType.BF16,
-            )
+        if dtype != "float32" and data.ndim == 2:
+            fmt = gguf.GGMLQuantizationType.BF16 if dtype == "bfloat16" else gguf.GGMLQuantizationType[dtype]
+            w.add_tensor(gname, gguf.quants.quantize(data, fmt), raw_dtype=fmt)
         else:
             w.add_tensor(gname, data)
     w.write_header_to_file()
@@ -119,12 +117,22 @@ def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
     return out
 
 
-def checkpoint_for(model: str, dtype: str, engine: str, work: Path, device: str = "cpu") -> str | None:
-    """The checkpoint `engine` reads for a setting of `model` at `dtype` (written under `work` when needed)."""
+def checkpoint_for(
+    model: str, dtype: str, engine: str, work: Path, device: str = "cpu", file_format: str | None = None
+) -> str | None:
+    """The checkpoint `engine` reads for a setting of `model` at `dtype` (written under `work` when needed).
+
+    file_format (SmolLM2 only): every engine reads one GGUF in that block format: "Q4_1" the
+    embedded file itself (Q4_1 layers, Q8_0 table), another (Q8_0) written from its weights."""
     if device == "cuda":  # drawn on the GPU by each worker: 16 GB of 8B weights never touch the disk
         return f"random:{model}"
     if model == "smollm2":
         src = str(default_checkpoint())
+        if file_format == "Q4_1":
+            return src
+        if file_format is not None:
+            out = work / f"smollm2-{file_format}.gguf"
+            return str(out if out.exists() else write_dense_gguf(src, file_format, out))
         if engine == "llama.cpp":
             out = work / f"smollm2-{dtype}.gguf"
             return str(out if out.exists() else write_dense_gguf(src, dtype, out))

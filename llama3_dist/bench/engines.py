@@ -49,9 +49,9 @@ def run_ours(args) -> dict:
             f"runtime.dtype={args.dtype}",
             f"runtime.compile={str(args.compile).lower()}",
             f"runtime.cuda_graphs={str(args.graphs).lower()}",
-            "runtime.weights=float",
+            f"runtime.weights={args.weights}",
         ],
-    )  # the dense weights transformers and llama.cpp get
+    )  # float: the dense weights transformers and llama.cpp get; auto: a GGUF's blocks, as llama.cpp reads them
     ready = assemble(cfg, open_bench_checkpoint(args.checkpoint, args.device), tokenizer=False)
     mesh, model, ckpt = ready.mesh, ready.model, ready.ckpt
     prompts = prompt_ids(ckpt.args.vocab_size, args.batch, args.prompt_len)
@@ -219,6 +219,7 @@ def worker(argv: list[str]) -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--graphs", action="store_true", help="replay decode steps from CUDA graphs")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", default="float", help="ours: runtime.weights")
     p.add_argument("--gpt-fast-dir")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ class Setting:
     dtype: str
     batch: int
     engines: tuple[str, ...]  # ours, ours-tp2, ours-graphs, ours-eager, transformers, llama.cpp
+    file_format: str | None = None  # a GGUF block format every engine reads as is (ours: runtime.weights=auto)
 
 
 def settings(quick: bool, device: str = "cpu") -> list[Setting]:
@@ -52,6 +53,8 @@ def settings(quick: bool, device: str = "cpu") -> list[Setting]:
         Setting("SmolLM2 bf16 b8", "smollm2", "bfloat16", 8, ("ours", "transformers")),
         Setting("SmolLM2 bf16 b1 TP", "smollm2", "bfloat16", 1, ("ours", "ours-tp2")),
         Setting("Llama-3.2-1B shape bf16 b1", "llama3.2-1b", "bfloat16", 1, ("ours", "ours-tp2", "transformers")),
+        Setting("SmolLM2 Q4_1 file b1", "smollm2", "float32", 1, ("ours", "llama.cpp"), file_format="Q4_1"),
+        Setting("SmolLM2 Q8_0 file b1", "smollm2", "float32", 1, ("ours", "llama.cpp"), file_format="Q8_0"),
     ]
     return full[:1] if quick else full
 
@@ -122,6 +125,8 @@ def launch(engine: str, ckpt: str, s: Setting, args) -> dict:
     ]
     if engine in ("ours", "ours-tp2") and not args.eager:
         common.append("--compile")
+    if s.file_format is not None:
+        common += ["--weights", "auto"]
     if engine in ("ours", "ours-graphs") and device == "cuda":
         common.append("--graphs")
     if engine == "gpt-fast":
@@ -169,9 +174,17 @@ def run_bench(args) -> list[dict]:
             f"bench --gpt-fast {gpt_fast}: no generate.py there; give a gpt-fast checkout "
             f"(github.com/pytorch-labs/gpt-fast)"
         )
+    chosen = settings(args.quick, device)
+    only = getattr(args, "only", None)
+    if only:
+        named = [s for s in chosen if only.lower() == s.name.lower()]  # a full name: that one setting
+        chosen = named or [s for s in chosen if only.lower() in s.name.lower()]
+        if not chosen:
+            names = ", ".join(s.name for s in settings(False, device))
+            raise UserError(f"bench --only {only}: no setting's name contains it; the settings: {names}")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        for s in settings(args.quick, device):
+        for s in chosen:
             bandwidth = read_bandwidth(device=device)  # per setting: it drifts during a run on a shared machine
             results = {}
             for engine in s.engines:
@@ -179,7 +192,7 @@ def run_bench(args) -> list[dict]:
                     continue
                 if engine == "gpt-fast" and not gpt_fast:
                     continue
-                ckpt = checkpoint_for(s.model, s.dtype, engine, Path(tmp), device)
+                ckpt = checkpoint_for(s.model, s.dtype, engine, Path(tmp), device, s.file_format)
                 if ckpt is not None:
                     results[engine] = launch(engine, ckpt, s, args)
             rows.append(summarize(s, results, bandwidth, args))

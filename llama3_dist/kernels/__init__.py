@@ -259,8 +259,21 @@ def gemv(x: Tensor, w: Tensor) -> Tensor:
     return _gemv(x, w)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere torch's bf16
+    matmul emulates it, about 6x slower than float32 on an AVX2 CPU."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+UPCAST_CHUNK_BYTES = 32 << 20  # float32 bytes of a bf16 weight widened at a time (prefill on CPUs without bf16)
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w.T (no bias); decode-sized inputs on CPU use the streaming kernel when it is available."""
+    """x @ w.T (no bias); decode-sized inputs on CPU use the streaming kernel when it is available.
+
+    A larger bfloat16 product on a CPU without bf16 hardware (a prefill on AVX2) runs in float32 on
+    the bf16 values, w widened a block of rows at a time, and is rounded to bf16 once: what torch's
+    bf16 matmul computes (float32 accumulation), at float32 matmul speed."""
     rows = x.numel() // x.shape[-1]
     if (
         rows <= MAX_ROWS
@@ -272,4 +285,11 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
         and load() is not None
     ):
         return _gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and not _NATIVE_BF16:
+        xf = x.float()
+        step = max(1, UPCAST_CHUNK_BYTES // (4 * w.shape[1]))
+        return torch.cat([F.linear(xf, w[r : r + step].float()) for r in range(0, w.shape[0], step)], -1).type_as(x)
     return F.linear(x, w)
+
+
+_NATIVE_BF16 = native_bf16()

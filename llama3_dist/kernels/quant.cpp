@@ -118,7 +118,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline __m256 f16x8(const uint8_t* p) { return _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(p))); }
+inline float f16_hw(const uint8_t* p) { return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p)); }  // F16C
+inline __m256 f16x8(const uint8_t* p) { return _mm256_set1_ps(f16_hw(p)); }
 inline __m256 i8x8(const uint8_t* p) {  // 8 int8 -> 8 floats (one vpmovsxbd from memory)
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -136,23 +137,29 @@ inline __m256 block_dot(const uint8_t* b, const float* x) {
     return _mm256_add_ps(p0, p1);
   } else {
     // Byte j holds element j (low nibble) and element j + 16 (high nibble): 8 bytes widened to
-    // 32-bit lanes give 8 elements with a mask and 8 more with a shift.
+    // 32-bit lanes give 8 elements with a mask and 8 more with a shift. (Q4_0's offset of -8 is
+    // its minimum, -8d, applied with Q4_1's.)
     const uint8_t* q = b + (Q == Q4_1 ? 4 : 2);
     const __m256i mask = _mm256_set1_epi32(0x0F);
-    const __m256i bias = _mm256_set1_epi32(Q == Q4_0 ? 8 : 0);  // Q4_0 codes are q - 8
     const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
     const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
-    auto f = [&](__m256i i) { return _mm256_cvtepi32_ps(Q == Q4_0 ? _mm256_sub_epi32(i, bias) : i); };
-    const __m256 p0 = _mm256_fmadd_ps(f(_mm256_srli_epi32(v0, 4)), _mm256_loadu_ps(x + 16),
-                                      _mm256_mul_ps(f(_mm256_and_si256(v0, mask)), _mm256_loadu_ps(x)));
-    const __m256 p1 = _mm256_fmadd_ps(f(_mm256_srli_epi32(v1, 4)), _mm256_loadu_ps(x + 24),
-                                      _mm256_mul_ps(f(_mm256_and_si256(v1, mask)), _mm256_loadu_ps(x + 8)));
+    const __m256 p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), _mm256_loadu_ps(x + 16),
+                                      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), _mm256_loadu_ps(x)));
+    const __m256 p1 =
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), _mm256_loadu_ps(x + 24),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), _mm256_loadu_ps(x + 8)));
     return _mm256_add_ps(p0, p1);
   }
 }
 
+// The minimum of a Q4_1 / Q4_0 block (Q4_0: -8 times its scale).
+template <int Q>
+inline float block_min(const uint8_t* b) {
+  return Q == Q4_1 ? f16_hw(b + 2) : -8.0f * f16_hw(b);
+}
+
 // MT rows of x against one row of W, accumulators in registers. For the 32-element formats
-// dot(d * q + m, x) = d * dot(q, x) + m * sum(x): xsum holds each block's sum(x) per row (Q4_1).
+// dot(d * q + m, x) = d * dot(q, x) + m * sum(x): xsum holds each block's sum(x) per row (Q4_x).
 template <int Q, int MT>
 void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, float* out) {
   if constexpr (kBlock[Q] == 32) {
@@ -167,15 +174,15 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, f
         const float* xm = x + m * K + i * 32;
         acc[m][0] = _mm256_fmadd_ps(block_dot<Q>(w, xm), d0, acc[m][0]);
         acc[m][1] = _mm256_fmadd_ps(block_dot<Q>(w + kBytes[Q], xm + 32), d1, acc[m][1]);
-        if constexpr (Q == Q4_1)
-          macc[m] += f16(w + 2) * xsum[m * nb + i] + f16(w + kBytes[Q] + 2) * xsum[m * nb + i + 1];
+        if constexpr (Q != Q8_0)
+          macc[m] += block_min<Q>(w) * xsum[m * nb + i] + block_min<Q>(w + kBytes[Q]) * xsum[m * nb + i + 1];
       }
     }
     for (; i < nb; ++i, w += kBytes[Q]) {
       const __m256 d0 = f16x8(w);
       for (int m = 0; m < MT; ++m) {
         acc[m][0] = _mm256_fmadd_ps(block_dot<Q>(w, x + m * K + i * 32), d0, acc[m][0]);
-        if constexpr (Q == Q4_1) macc[m] += f16(w + 2) * xsum[m * nb + i];
+        if constexpr (Q != Q8_0) macc[m] += block_min<Q>(w) * xsum[m * nb + i];
       }
     }
     for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + macc[m];
@@ -251,8 +258,8 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
   const uint8_t* W = w.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
   const RowFn row = pick(qtype);
-  // Per row of x, the sum of each 32-element block (the minimums' term of Q4_1), once per call.
-  std::vector<float> xsum(qtype == Q4_1 ? M * (K / 32) : 0);
+  // Per row of x, the sum of each 32-element block (the minimums' term of Q4_0 / Q4_1), once per call.
+  std::vector<float> xsum(qtype == Q4_0 || qtype == Q4_1 ? M * (K / 32) : 0);
   for (size_t b = 0; b < xsum.size(); ++b) {
     float s = 0.0f;
     for (int j = 0; j < 32; ++j) s += X[b * 32 + j];

@@ -112,9 +112,9 @@ def linear(x: Tensor, w: Tensor, qtype: str | None) -> Tensor:
         return ops.qlinear(x.reshape(rows, K), w, FORMATS[qtype][0]).view(*x.shape[:-1], w.shape[0])
     step = max(1, PREFILL_CHUNK_BYTES // (4 * K))  # rows of W dequantized at once
     if step >= w.shape[0]:
-        return F.linear(x, dequantize(w, qtype, x.dtype))
+        return kernels.linear(x, dequantize(w, qtype, x.dtype))
     return torch.cat(
-        [F.linear(x, dequantize(w[r : r + step], qtype, x.dtype)) for r in range(0, w.shape[0], step)], dim=-1
+        [kernels.linear(x, dequantize(w[r : r + step], qtype, x.dtype)) for r in range(0, w.shape[0], step)], dim=-1
     )
 
 
