@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="llama3_dist vs transformers (and llama.cpp) on the same weights")
     b.add_argument("--json", action="store_true", help="one JSON array on stdout")
     b.add_argument("--quick", action="store_true", help="only SmolLM2 fp32 batch 1 (a smoke run)")
-    b.add_argument("--only", metavar="TEXT", help="only the setting named TEXT, or those whose name contains it (e.g. Q4_1, 'fp32 b1')")
+    b.add_argument(
+        "--only", metavar="TEXT", help="only the setting named TEXT, or those whose name contains it (e.g. Q4_1)"
+    )
     b.add_argument("--threads", type=int, default=2, help="threads per single-process engine")
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
