@@ -128,21 +128,34 @@ class KVCache:
         return KVCache(self.k[:, start:stop], self.v[:, start:stop])
 
     def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i])
+        return LayerCache(self.k, self.v, i)
 
 
 @dataclass(frozen=True)
 class LayerCache:
-    """One layer's keys and values, (B, n_local_kv_heads, max_seq_len, head_dim) each."""
+    """Layer `i` of a cache: its keys and values k, v (B, n_local_kv_heads, max_seq_len, head_dim)
+    are views of the whole (n_layers, ...) tensors, and are written through them: a compiled
+    decode step then updates the cache in place, where writing into a layer's view made it
+    rebuild the whole cache once per layer."""
 
-    k: Tensor
-    v: Tensor
+    all_k: Tensor
+    all_v: Tensor
+    i: int
+
+    @property
+    def k(self) -> Tensor:
+        return self.all_k[self.i]
+
+    @property
+    def v(self) -> Tensor:
+        return self.all_v[self.i]
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H, T, hd) at positions pos (B, T); return the first `length` positions (B, H, length, hd)."""
         b = torch.arange(k.shape[0], device=pos.device).unsqueeze(1)  # (B, 1)
-        self.k[b, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
-        self.v[b, :, pos] = v.transpose(1, 2)
+        i = torch.full((1, 1), self.i, device=pos.device)
+        self.all_k[i, b, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
+        self.all_v[i, b, :, pos] = v.transpose(1, 2)
         return self.k[:, :, :length], self.v[:, :, :length]
 
 
