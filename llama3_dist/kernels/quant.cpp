@@ -124,17 +124,12 @@ inline __m256 i8x8(const uint8_t* p) {  // 8 int8 -> 8 floats (one vpmovsxbd fro
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// dot(q, x) over one 32-element block, q its integer codes (scale not applied): four groups of 8
-// converted to float and multiplied by x, summed in a short tree so that the only chain carried
-// from block to block is the one FMA that applies the scale.
+// The integer codes of one 32-element block as floats (scale not applied): c[j] holds elements
+// 8j..8j+7, widened straight from memory.
 template <int Q>
-inline __m256 block_dot(const uint8_t* b, const float* x) {
+inline void block_codes(const uint8_t* b, __m256* c) {
   if constexpr (Q == Q8_0) {
-    const uint8_t* q = b + 2;
-    const __m256 p0 = _mm256_fmadd_ps(i8x8(q + 16), _mm256_loadu_ps(x + 16), _mm256_mul_ps(i8x8(q), _mm256_loadu_ps(x)));
-    const __m256 p1 =
-        _mm256_fmadd_ps(i8x8(q + 24), _mm256_loadu_ps(x + 24), _mm256_mul_ps(i8x8(q + 8), _mm256_loadu_ps(x + 8)));
-    return _mm256_add_ps(p0, p1);
+    for (int j = 0; j < 4; ++j) c[j] = i8x8(b + 2 + 8 * j);
   } else {
     // Byte j holds element j (low nibble) and element j + 16 (high nibble): 8 bytes widened to
     // 32-bit lanes give 8 elements with a mask and 8 more with a shift. (Q4_0's offset of -8 is
@@ -143,13 +138,19 @@ inline __m256 block_dot(const uint8_t* b, const float* x) {
     const __m256i mask = _mm256_set1_epi32(0x0F);
     const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
     const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
-    const __m256 p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), _mm256_loadu_ps(x + 16),
-                                      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, mask)), _mm256_loadu_ps(x)));
-    const __m256 p1 =
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), _mm256_loadu_ps(x + 24),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)), _mm256_loadu_ps(x + 8)));
-    return _mm256_add_ps(p0, p1);
+    c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v0, mask));
+    c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask));
+    c[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+    c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
   }
+}
+
+// dot(codes, x) over one block, summed in a short tree so that the only chain carried from block
+// to block is the one FMA that applies the scale.
+inline __m256 block_dot(const __m256* c, const float* x) {
+  const __m256 p0 = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(x + 16), _mm256_mul_ps(c[0], _mm256_loadu_ps(x)));
+  const __m256 p1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(c[1], _mm256_loadu_ps(x + 8)));
+  return _mm256_add_ps(p0, p1);
 }
 
 // The minimum of a Q4_1 / Q4_0 block (Q4_0: -8 times its scale).
@@ -168,20 +169,24 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, f
     float macc[MT];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps(), macc[m] = 0.0f;
     int64_t i = 0;
+    __m256 c[4];  // one block's codes, converted once for all MT rows of x
     for (; i + 2 <= nb; i += 2, w += 2 * kBytes[Q]) {  // two blocks per step: two independent chains
-      const __m256 d0 = f16x8(w), d1 = f16x8(w + kBytes[Q]);
+      block_codes<Q>(w, c);
+      const __m256 d0 = f16x8(w);
+      for (int m = 0; m < MT; ++m) acc[m][0] = _mm256_fmadd_ps(block_dot(c, x + m * K + i * 32), d0, acc[m][0]);
+      block_codes<Q>(w + kBytes[Q], c);
+      const __m256 d1 = f16x8(w + kBytes[Q]);
       for (int m = 0; m < MT; ++m) {
-        const float* xm = x + m * K + i * 32;
-        acc[m][0] = _mm256_fmadd_ps(block_dot<Q>(w, xm), d0, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(block_dot<Q>(w + kBytes[Q], xm + 32), d1, acc[m][1]);
+        acc[m][1] = _mm256_fmadd_ps(block_dot(c, x + m * K + i * 32 + 32), d1, acc[m][1]);
         if constexpr (Q != Q8_0)
           macc[m] += block_min<Q>(w) * xsum[m * nb + i] + block_min<Q>(w + kBytes[Q]) * xsum[m * nb + i + 1];
       }
     }
     for (; i < nb; ++i, w += kBytes[Q]) {
+      block_codes<Q>(w, c);
       const __m256 d0 = f16x8(w);
       for (int m = 0; m < MT; ++m) {
-        acc[m][0] = _mm256_fmadd_ps(block_dot<Q>(w, x + m * K + i * 32), d0, acc[m][0]);
+        acc[m][0] = _mm256_fmadd_ps(block_dot(c, x + m * K + i * 32), d0, acc[m][0]);
         if constexpr (Q != Q8_0) macc[m] += block_min<Q>(w) * xsum[m * nb + i];
       }
     }
