@@ -27,14 +27,17 @@ SUPPORTED = kernels.supported()
 
 
 class RecordOps(TorchDispatchMode):
-    """Names of the ops dispatched under it (e.g. 'llama3_dist.gemv_avx2.default', 'aten.mm.default')."""
+    """Names of the ops dispatched under it (e.g. 'llama3_dist.gemv_avx2.default', 'aten.mm.default'),
+    and the dtype of each one's first argument."""
 
     def __init__(self):
         super().__init__()
         self.names: list[str] = []
+        self.dtypes: list[torch.dtype | None] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
+        self.dtypes.append(args[0].dtype if args and isinstance(args[0], torch.Tensor) else None)
         return func(*args, **(kwargs or {}))
 
 
@@ -104,35 +107,22 @@ def test_linear_runs_the_forced_variant(variant, dtype, force):
     assert not any(name.startswith("llama3_dist.") for name in ops.names)
 
 
-class RecordMatmuls(TorchDispatchMode):
-    """(op, dtype of its first argument) of every matmul dispatched under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[tuple[str, torch.dtype]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "linear"):
-            self.seen.append((func.__name__.split(".")[0], args[0].dtype))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_prefill_runs_in_float32_where_the_cpu_lacks_bf16(monkeypatch, native):
     """Without bf16 hardware (AVX2) a bf16 product larger than a decode step widens w a block of
     rows at a time and multiplies in float32; with it, torch's bf16 matmul runs. Both equal the
     float32 product of the bf16 values within one bf16 rounding."""
     monkeypatch.setattr(kernels, "_NATIVE_BF16", native)
-    monkeypatch.setattr(kernels, "UPCAST_CHUNK_BYTES", 16 * 96 * 4)  # 16 rows of w at a time: 5 blocks
+    monkeypatch.setattr(kernels, "WIDEN_CHUNK_BYTES", 16 * 96 * 4)  # 16 rows of w at a time: 5 blocks
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 20, 96, generator=g).bfloat16()
     w = torch.randn(70, 96, generator=g).bfloat16()
-    with torch.inference_mode(), RecordMatmuls() as mm:
+    with torch.inference_mode(), RecordOps() as ops:
         got = kernels.linear(x, w)
     assert got.shape == (2, 20, 70) and got.dtype == torch.bfloat16
     assert_close(got.reshape(40, 70), x.reshape(40, 96), w)
-    dtypes = [dtype for _, dtype in mm.seen]
-    assert dtypes == ([torch.bfloat16] if native else [torch.float32] * 5), mm.seen
+    matmuls = [(n, d) for n, d in zip(ops.names, ops.dtypes) if n.split(".")[1] in ("mm", "addmm", "bmm", "linear")]
+    assert [d for _, d in matmuls] == ([torch.bfloat16] if native else [torch.float32] * 5), matmuls
 
 
 def test_forcing_torch_uses_f_linear(force):

@@ -149,7 +149,7 @@ def test_linear_routes_decode_to_the_kernel_and_prefill_to_dequantize(counting):
 
 
 def test_prefill_dequantizes_in_row_blocks(monkeypatch, counting):
-    monkeypatch.setattr(quant, "PREFILL_CHUNK_BYTES", 10 * 64 * 4)  # 10 rows of W at a time
+    monkeypatch.setattr(kernels, "WIDEN_CHUNK_BYTES", 10 * 64 * 4)  # 10 rows of W at a time
     w = random_blocks("Q8_0", 45, 64, seed=5)
     x = torch.randn(2, 20, 64)
     assert (quant.linear(x, w, "Q8_0") - F.linear(x, reference(w, "Q8_0"))).abs().max().item() <= 1e-4

@@ -259,21 +259,27 @@ def gemv(x: Tensor, w: Tensor) -> Tensor:
     return _gemv(x, w)
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere torch's bf16
-    matmul emulates it, about 6x slower than float32 on an AVX2 CPU."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+# A CPU listing one of these multiplies bfloat16 in hardware; elsewhere torch's bf16 matmul emulates
+# it, about 6x slower than float32 on an AVX2 CPU.
+_NATIVE_BF16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+WIDEN_CHUNK_BYTES = 32 << 20  # float32 bytes of a weight widened at a time for a matrix-matrix product
 
 
-UPCAST_CHUNK_BYTES = 32 << 20  # float32 bytes of a bf16 weight widened at a time (prefill on CPUs without bf16)
+def linear_by_rows(x: Tensor, w: Tensor, widen) -> Tensor:
+    """x @ widen(w).T for a product larger than a decode step, `widen` (rows of w -> rows in x's dtype:
+    a bf16 weight itself, quantized blocks dequantized) applied WIDEN_CHUNK_BYTES of rows at a time.
+    A bfloat16 product on a CPU without bf16 hardware runs in float32 on the bf16 values and is
+    rounded to bf16 once: what torch's bf16 matmul computes (float32 sums), at float32 speed."""
+    upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _NATIVE_BF16
+    xm = x.float() if upcast else x
+    step = max(1, WIDEN_CHUNK_BYTES // (4 * x.shape[-1]))
+    parts = [F.linear(xm, widen(w[r : r + step]).to(xm.dtype)) for r in range(0, w.shape[0], step)]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).type_as(x)
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w.T (no bias); decode-sized inputs on CPU use the streaming kernel when it is available.
-
-    A larger bfloat16 product on a CPU without bf16 hardware (a prefill on AVX2) runs in float32 on
-    the bf16 values, w widened a block of rows at a time, and is rounded to bf16 once: what torch's
-    bf16 matmul computes (float32 accumulation), at float32 matmul speed."""
+    """x @ w.T (no bias); decode-sized inputs on CPU use the streaming kernel when it is available,
+    a larger bfloat16 product on a CPU without bf16 hardware (a prefill on AVX2) linear_by_rows."""
     rows = x.numel() // x.shape[-1]
     if (
         rows <= MAX_ROWS
@@ -286,10 +292,5 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     ):
         return _gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
     if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and not _NATIVE_BF16:
-        xf = x.float()
-        step = max(1, UPCAST_CHUNK_BYTES // (4 * w.shape[1]))
-        return torch.cat([F.linear(xf, w[r : r + step].float()) for r in range(0, w.shape[0], step)], -1).type_as(x)
+        return linear_by_rows(x, w, lambda rows: rows)
     return F.linear(x, w)
-
-
-_NATIVE_BF16 = native_bf16()

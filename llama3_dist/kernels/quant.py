@@ -14,7 +14,7 @@ names); None means a float weight.
 A decode step (at most MAX_ROWS rows of x) on CPU runs `quant.cpp`, which dequantizes in registers
 and accumulates in float32: the variant of the kernel family that `kernels` chose (its avx2 and
 AVX-512 builds run AVX2 + FMA loops, its portable build a loop the compiler vectorises). Larger
-inputs (prefill) dequantize a block of rows at a time and call F.linear. Where the family is not
+inputs (prefill) dequantize a block of rows at a time (kernels.linear_by_rows). Where the family is not
 built (no compiler, LLAMA3_DIST_KERNELS=torch, or CUDA) every path is torch's: the dequantizers
 below, then F.linear.
 """
@@ -36,7 +36,6 @@ FORMATS = {"Q8_0": (0, 32, 34), "Q4_0": (1, 32, 18), "Q4_1": (2, 32, 20), "Q4_K"
 ON_LOAD = {"int8": "Q8_0", "int4": "Q4_1"}
 ON_LOAD_TABLE = {"int8": "Q8_0", "int4": "Q8_0"}
 MAX_ROWS = 16
-PREFILL_CHUNK_BYTES = 32 << 20  # float32 bytes of W dequantized at a time for a matrix-matrix product
 
 
 def block_size(qtype: str) -> int:
@@ -110,12 +109,7 @@ def linear(x: Tensor, w: Tensor, qtype: str | None) -> Tensor:
     ops = _kernel(w)
     if ops is not None and rows <= MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
         return ops.qlinear(x.reshape(rows, K), w, FORMATS[qtype][0]).view(*x.shape[:-1], w.shape[0])
-    step = max(1, PREFILL_CHUNK_BYTES // (4 * K))  # rows of W dequantized at once
-    if step >= w.shape[0]:
-        return kernels.linear(x, dequantize(w, qtype, x.dtype))
-    return torch.cat(
-        [kernels.linear(x, dequantize(w[r : r + step], qtype, x.dtype)) for r in range(0, w.shape[0], step)], dim=-1
-    )
+    return kernels.linear_by_rows(x, w, lambda rows: dequantize(rows, qtype, x.dtype))
 
 
 def embedding(tokens: Tensor, w: Tensor, qtype: str | None, dtype: torch.dtype) -> Tensor:
