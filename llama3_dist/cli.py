@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="with --serve: config of the static-batch model (give it the server's settings)",
     )
-    b.add_argument("--work-dir", help="where the dense GGUF / random checkpoints are written (a temp dir inside)")
+    b.add_argument("--work-dir", help="where the GGUF / random checkpoints are written (a temp dir inside)")
     e = sub.add_parser("explain", help="walk one forward pass of the real model, tensor by tensor")
     model_flags(e, tokenizer=False)
     e.add_argument(

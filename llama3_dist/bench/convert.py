@@ -1,4 +1,4 @@
-"""Checkpoints for the bench's peers: our weights as a transformers model or a dense GGUF for llama.cpp."""
+"""Checkpoints for the bench's peers: our weights as a transformers model, or a GGUF (F32, BF16, Q8_0) for llama.cpp."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def hf_model_from(ckpt, dtype: torch.dtype, device: str = "cpu"):
     return hf.eval()
 
 
-def write_dense_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
+def write_llama_gguf(ckpt_path: str, dtype: str, out: Path) -> Path:
     """The same weights as a llama GGUF for llama.cpp (tokenizer copied from a GGUF source): matrices in
     `dtype` (float32, bfloat16, or a block format gguf writes: Q8_0), vectors (the norms) in F32."""
     ckpt = open_checkpoint(ckpt_path)
@@ -132,10 +132,10 @@ def checkpoint_for(
             return src
         if file_format is not None:
             out = work / f"smollm2-{file_format}.gguf"
-            return str(out if out.exists() else write_dense_gguf(src, file_format, out))
+            return str(out if out.exists() else write_llama_gguf(src, file_format, out))
         if engine == "llama.cpp":
             out = work / f"smollm2-{dtype}.gguf"
-            return str(out if out.exists() else write_dense_gguf(src, dtype, out))
+            return str(out if out.exists() else write_llama_gguf(src, dtype, out))
         return src
     if engine == "llama.cpp":
         return None
