@@ -52,6 +52,25 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_meta, dtype):
     fast_decode.enable(model, compile=True, cuda_graphs=False)
     assert [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())] == eager
     assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
+    assert model.decode_step.one_graph, "a one-rank decode step should compile to one graph"
+
+
+def test_each_model_runs_its_own_compiled_graph(tiny_meta):
+    """The compiled step skips guards on module attributes (fast_decode); a second model in the process
+    with another structure (quantized weights) must compile its own graph, not run the first one's."""
+    from torch._dynamo.utils import counters
+
+    batch = [[3, 4, 5, 6], [7]]
+    first = our_model(tiny_meta)
+    fast_decode.enable(first, compile=True, cuda_graphs=False)
+    generate(first, Mesh.single(), batch, GREEDY, frozenset())
+    second = load_model(open_checkpoint(tiny_meta), Mesh.single(), torch.float32, weights="int8")
+    eager = [c.tokens for c in generate(second, Mesh.single(), batch, GREEDY, frozenset())]
+    graphs = counters["stats"]["unique_graphs"]
+    fast_decode.enable(second, compile=True, cuda_graphs=False)
+    assert [c.tokens for c in generate(second, Mesh.single(), batch, GREEDY, frozenset())] == eager
+    assert second.decode_step.compiled_runs > 0, "the compiled decode step never ran"
+    assert counters["stats"]["unique_graphs"] > graphs, "the second model ran the first one's graph"
 
 
 def test_a_failing_compile_falls_back_to_eager_decoding(tiny_meta, caplog):
@@ -75,11 +94,11 @@ def compiled_tokens(mesh: Mesh, path: str):
     fast_decode.enable(model, compile=True, cuda_graphs=False)
     tokens = [c.tokens for c in generate(model, mesh, BATCH, GREEDY, frozenset())]
     assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
-    return tokens
+    return tokens, model.decode_step.one_graph
 
 
 def test_compiled_decode_at_tp2_gives_tp1_tokens(tiny_meta):
     path = str(tiny_meta)
     _, want = logits_and_tokens(Mesh.single(), path)
-    for shm in (True, False):  # the all-reduce inside the compiled graph, or gloo between graphs
-        assert run_ranks(compiled_tokens, 2, path, shm=shm) == [want, want], shm
+    for shm in (True, False):  # the all-reduce inside the compiled graph (one graph), or gloo between graphs
+        assert run_ranks(compiled_tokens, 2, path, shm=shm) == [(want, shm), (want, shm)], shm
