@@ -93,12 +93,11 @@ void dequant_block(const uint8_t* b, float* y) {
   }
 }
 
-// Portable row kernel: y[m] = sum over blocks of dot(dequant(block), x[m]) for M rows of x.
+// Portable row kernel: y[m * ldy] = sum over blocks of dot(dequant(block), x[m]) for M rows of x.
 template <int Q>
-void row_portable(const uint8_t* w, const float* x, const float* /*xsum*/, int64_t M, int64_t K, float* acc) {
+void row_portable(const uint8_t* w, const float* x, const float* /*xsum*/, int64_t M, int64_t K, float* y, int64_t ldy) {
   constexpr int64_t B = kBlock[Q];
-  float buf[B];
-  for (int64_t m = 0; m < M; ++m) acc[m] = 0.0f;
+  float buf[B], acc[kMaxRows] = {};
   for (int64_t k = 0; k < K; k += B, w += kBytes[Q]) {
     dequant_block<Q>(w, buf);
     for (int64_t m = 0; m < M; ++m) {
@@ -108,6 +107,7 @@ void row_portable(const uint8_t* w, const float* x, const float* /*xsum*/, int64
       acc[m] += s;
     }
   }
+  for (int64_t m = 0; m < M; ++m) y[m * ldy] = acc[m];
 }
 
 #ifdef L3D_X86_SIMD
@@ -162,7 +162,7 @@ inline float block_min(const uint8_t* b) {
 // MT rows of x against one row of W, accumulators in registers. For the 32-element formats
 // dot(d * q + m, x) = d * dot(q, x) + m * sum(x): xsum holds each block's sum(x) per row (Q4_x).
 template <int Q, int MT>
-void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, float* out) {
+void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, float* out, int64_t ldy) {
   if constexpr (kBlock[Q] == 32) {
     const int64_t nb = K / 32;
     __m256 acc[MT][2];
@@ -190,7 +190,7 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, f
         if constexpr (Q != Q8_0) macc[m] += block_min<Q>(w) * xsum[m * nb + i];
       }
     }
-    for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + macc[m];
+    for (int m = 0; m < MT; ++m) out[m * ldy] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + macc[m];
   } else {  // super-blocks: expand into L1, then FMAs
     __m256 acc[MT][2];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
@@ -205,25 +205,26 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, f
         }
       }
     }
-    for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+    for (int m = 0; m < MT; ++m) out[m * ldy] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
   }
 }
 
 // Rows of x in tiles of up to 4 (the row of W stays in L1 between tiles).
 template <int Q>
-void row_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t M, int64_t K, float* out) {
+void row_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t M, int64_t K, float* y, int64_t ldy) {
   const int64_t nb = K / kBlock[Q];
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_avx2<Q, 4>(w, x + m * K, xsum + m * nb, K, out + m);
+  for (; m + 4 <= M; m += 4) tile_avx2<Q, 4>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy);
   switch (M - m) {
-    case 3: tile_avx2<Q, 3>(w, x + m * K, xsum + m * nb, K, out + m); break;
-    case 2: tile_avx2<Q, 2>(w, x + m * K, xsum + m * nb, K, out + m); break;
-    case 1: tile_avx2<Q, 1>(w, x + m * K, xsum + m * nb, K, out + m); break;
+    case 3: tile_avx2<Q, 3>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy); break;
+    case 2: tile_avx2<Q, 2>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy); break;
+    case 1: tile_avx2<Q, 1>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy); break;
   }
 }
 #endif
 
-using RowFn = void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*);
+// One row n of W against M rows of x: y[m * ldy] for m < M (y points at column n of the (M, N) output).
+using RowFn = void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*, int64_t);
 
 template <int Q>
 constexpr RowFn row_fn() {
@@ -258,7 +259,7 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
   const int64_t M = x_in.size(0), N = w.size(0), row_bytes = w.size(1);
   TORCH_CHECK(M <= kMaxRows, "qlinear: at most ", kMaxRows, " rows of x");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({N, M}, x.options());  // transposed: each task writes whole rows
+  at::Tensor y = at::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
   const uint8_t* W = w.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
@@ -271,9 +272,9 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
     xsum[b] = s;
   }
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, xsum.data(), M, K, Y + n * M);
+    for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, xsum.data(), M, K, Y + n, N);
   });
-  return y.t().to(x_in.scalar_type()).contiguous();
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
 template <int Q>
