@@ -88,24 +88,42 @@ def load_model(
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         qtype = formats.get(name)
-        sources = weight_sources(model, name)
-        parts = [quantized(ckpt, n, qtype, spec) if qtype else ckpt.read(n, *spec) for n, spec in sources]
-        t = torch.cat(parts) if len(parts) > 1 else parts[0]
         want = tuple(param.shape) if qtype is None else (param.shape[0], row_bytes(qtype, param.shape[1]))
-        source = "|".join(n for n, _ in sources)
-        if tuple(t.shape) != want:
-            raise CheckpointError(f"{ckpt.path}: {source} slice has shape {tuple(t.shape)}, expected {want}")
-        t = t.to(device=mesh.device) if qtype else t.to(device=mesh.device, dtype=dtype)
-        setattr(module, leaf, nn.Parameter(t.contiguous(), requires_grad=False))
+        t = read_weight(ckpt, name, weight_sources(model, name), qtype, want, dtype)
+        setattr(module, leaf, nn.Parameter(t.to(device=mesh.device), requires_grad=False))
         if hasattr(module, "qtype"):
             module.qtype = qtype
         if isinstance(module, VocabParallelEmbedding):
             module.dtype = dtype
     model.tie_weights()
-    trim_heap()
+    trim_heap()  # the load's copies are freed: hand their heap back
     if mesh.device.type == "cpu":
         kernels.load()  # build or load the decode kernels (float and quantized) now, not inside the first timed step
     return model.eval()
+
+
+def read_weight(
+    ckpt: Checkpoint, name: str, sources: list[tuple[str, tuple]], qtype: str | None, want: tuple, dtype: torch.dtype
+) -> Tensor:
+    """Parameter `name` of shape `want` from its sources: blocks in `qtype`, or floats in `dtype`. The parts of
+    a stacked weight fill its rows in turn, each freed once copied (never all parts and their concatenation)."""
+    if len(sources) == 1:
+        n, spec = sources[0]
+        t = quantized(ckpt, n, qtype, spec) if qtype else ckpt.read(n, *spec).to(dtype)
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{ckpt.path}: {n} slice has shape {tuple(t.shape)}, expected {want}")
+        return t
+    t, rows = torch.empty(want, dtype=torch.uint8 if qtype else dtype), 0
+    for n, spec in sources:
+        part = quantized(ckpt, n, qtype, spec) if qtype else ckpt.read(n, *spec)
+        if tuple(part.shape[1:]) != want[1:] or rows + part.shape[0] > want[0]:
+            raise CheckpointError(f"{ckpt.path}: {n} slice has shape {tuple(part.shape)}; {name} is {want}")
+        t[rows : rows + part.shape[0]] = part
+        rows += part.shape[0]
+        del part
+    if rows != want[0]:
+        raise CheckpointError(f"{ckpt.path}: the slices of {name} have {rows} rows, expected {want[0]}")
+    return t
 
 
 def weight_sources(model: Transformer, name: str) -> list[tuple[str, tuple]]:
@@ -170,9 +188,11 @@ def quantized(ckpt: Checkpoint, name: str, qtype: str, spec: tuple) -> Tensor:
     """
     if ckpt.qtype(name) == qtype:
         return ckpt.read_quant(name, *spec)
-    if spec and spec[0] == 1:  # this rank's columns of a row-parallel weight: a 1/tp share, read at once
-        return quantize(ckpt.read(name, *spec), qtype, QUANTIZE_CHUNK)
     rows, cols = ckpt.shapes()[name]
+    if spec and spec[0] == 1:
+        if tuple(spec[1:]) != (0, cols):  # this rank's columns of a row-parallel weight: a 1/tp share, read at once
+            return quantize(ckpt.read(name, *spec), qtype, QUANTIZE_CHUNK)
+        spec = ()  # every column (one rank): rows a chunk at a time, as below
     start, stop = spec[1:] if spec else (0, rows)
     hd = ckpt.args.hd
     step = hd * max(1, QUANTIZE_CHUNK // (cols * hd))  # whole heads: HF's q/k rows are un-permuted per head

@@ -149,7 +149,7 @@ def dequantize_torch(w: Tensor, qtype: str) -> Tensor:
     return torch.from_numpy(np.array(out, dtype=np.float32)).to(w.device)
 
 
-QUANTIZE_CHUNK = 1 << 20  # float elements converted at a time (4 MiB as float32): the temporaries stay small
+QUANTIZE_CHUNK = 1 << 18  # float elements converted at a time (1 MiB as float32): the temporaries stay small
 
 
 def quantize(t: Tensor, qtype: str, chunk: int = QUANTIZE_CHUNK) -> Tensor:
