@@ -90,7 +90,7 @@ def load_model(
         qtype = formats.get(name)
         want = tuple(param.shape) if qtype is None else (param.shape[0], row_bytes(qtype, param.shape[1]))
         t = read_weight(ckpt, name, weight_sources(model, name), qtype, want, dtype)
-        setattr(module, leaf, nn.Parameter(t.to(device=mesh.device), requires_grad=False))
+        setattr(module, leaf, nn.Parameter(t.to(device=mesh.device).contiguous(), requires_grad=False))
         if hasattr(module, "qtype"):
             module.qtype = qtype
         if isinstance(module, VocabParallelEmbedding):
