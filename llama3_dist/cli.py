@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--timeout", type=float, default=900, help="seconds per engine run")
+    b.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each setting's engines this many times in rotation and keep each one's best (a shared machine)",
+    )
     b.add_argument("--eager", action="store_true", help="do not torch.compile our decode step")
     b.add_argument(
         "--device",

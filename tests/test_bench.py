@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from llama3_dist.bench import run_bench, table
+from llama3_dist.bench.run import best_of
 from llama3_dist.cli import main
 
 
@@ -29,3 +30,14 @@ def test_bench_on_cuda_without_a_gpu_is_one_clear_error(capsys, monkeypatch):
     assert main(["bench", "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: bench --device cuda: CUDA is not available here; run it on a GPU machine"]
+
+
+def test_rounds_keep_each_engines_best_decode_and_prefill(capsys):
+    slow = {"prefill_ms": 300.0, "decode_tok_s": 50.0, "tokens": [[1, 2]]}
+    fast = {"prefill_ms": 350.0, "decode_tok_s": 60.0, "tokens": [[1, 2]]}
+    failed = {"error": "ours failed: killed"}
+    assert best_of(best_of(None, slow), fast) == {**fast, "prefill_ms": 300.0}
+    assert best_of(best_of(None, failed), slow) == slow and best_of(slow, failed) == slow
+    assert best_of(None, failed) == failed  # every round failed: the error is the result
+    assert main(["bench", "--rounds", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: bench --rounds 0: give 1 or more"]
