@@ -105,9 +105,10 @@ def test_plan_matches_measured_memory_tightly(checkpoint):
 
 def test_workspace_estimate_covers_a_real_prefill(checkpoint):
     """The measured peak RSS of a prefill at max batch x max seq_len stays within the plan's workspace
-    (5% over allowed) and reaches at least 60% of it (an estimate far above reality is no plan either).
-    The peak varies from run to run (114-155 MiB of a planned 152.5 here) with how much freed heap
-    glibc hands the prefill back; the live tensors alone peak at 87 MiB (every allocation mmap'd)."""
+    and reaches at least 60% of it (an estimate far above reality is no plan either). The peak varies
+    from run to run (114-163 MiB of a planned 175.4 here, plan.CPU_HEAP_ROOM included) with how much
+    freed heap glibc hands the prefill back; the live tensors alone peak at 87 MiB (every allocation
+    mmap'd)."""
     batch, seq_len = 4, 1024
     rows = planned(checkpoint, batch, seq_len)
     for row, peak in zip(rows, run_ranks(_prefill_peak, 2, checkpoint, batch, seq_len)):
@@ -115,7 +116,7 @@ def test_workspace_estimate_covers_a_real_prefill(checkpoint):
             f"\nrank {row.rank}: workspace planned {row.workspace_bytes / MiB:.1f} MiB, "
             f"prefill peak {peak / MiB:.1f} MiB"
         )
-        assert 0.6 * row.workspace_bytes <= peak <= 1.05 * row.workspace_bytes, (peak / MiB, row.workspace_bytes / MiB)
+        assert 0.6 * row.workspace_bytes <= peak <= row.workspace_bytes, (peak / MiB, row.workspace_bytes / MiB)
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
