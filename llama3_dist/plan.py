@@ -32,12 +32,12 @@ class RankPlan:
 CPU_HEAP_ROOM = 1.15  # glibc keeps freed blocks the next allocations may not fit: peak RSS above the live tensors
 
 
-def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int, scores: bool) -> int:
+def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int, cpu: bool) -> int:
     """Estimate of the largest live activations: a prefill micro-batch through one layer, plus logits.
 
-    Per token: the layer's widest activations, with rope's float copies of q and k. With scores
-    (CPU), also one layer's (batch, local heads, seq_len, seq_len) attention scores and boolean
-    mask, which torch's CPU attention materialises, and CPU_HEAP_ROOM for the heap's fragmentation
+    Per token: the layer's widest activations, with rope's float copies of q and k. On CPU, also one
+    layer's (batch, local heads, seq_len, seq_len) attention scores and boolean mask, which torch's
+    CPU attention materialises, and CPU_HEAP_ROOM for the heap's fragmentation
     (a 6-layer model's prefill: live tensors 87 MiB, peak RSS 114-163 MiB from run to run); CUDA's
     fused kernels work in tiles instead, and its caching allocator is counted by torch itself.
     """
@@ -49,10 +49,10 @@ def workspace_bytes(model: Transformer, batch: int, seq_len: int, elem: int, sco
         rope = 2 * (attn.n_local_heads + attn.n_local_kv_heads) * attn.head_dim
         widest = max(widest, 4 * args.dim + qkv + rope + 3 * ffn.w2.weight.shape[1])
         heads = max(heads, attn.n_local_heads)
-    attention = batch * seq_len * seq_len * (heads * elem + 1) if scores else 0
+    attention = batch * seq_len * seq_len * (heads * elem + 1) if cpu else 0
     logits = batch * args.vocab_size * 4 if model.mesh.is_pp_last_stage else 0
     live = tokens * widest * elem + attention + logits
-    return int(live * CPU_HEAP_ROOM) if scores else live
+    return int(live * CPU_HEAP_ROOM) if cpu else live
 
 
 def plan(

@@ -265,13 +265,17 @@ _NATIVE_BF16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 WIDEN_CHUNK_BYTES = 32 << 20  # float32 bytes of a weight widened at a time for a matrix-matrix product
 
 
+def _emulated_bf16(x: Tensor) -> bool:
+    """Whether a bfloat16 product with x would run on torch's bf16 emulation (a CPU without bf16 hardware)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _NATIVE_BF16
+
+
 def linear_by_rows(x: Tensor, w: Tensor, widen) -> Tensor:
     """x @ widen(w).T for a product larger than a decode step, `widen` (rows of w -> rows in x's dtype:
     a bf16 weight itself, quantized blocks dequantized) applied WIDEN_CHUNK_BYTES of rows at a time.
     A bfloat16 product on a CPU without bf16 hardware runs in float32 on the bf16 values and is
     rounded to bf16 once: what torch's bf16 matmul computes (float32 sums), at float32 speed."""
-    upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _NATIVE_BF16
-    xm = x.float() if upcast else x
+    xm = x.float() if _emulated_bf16(x) else x
     step = max(1, WIDEN_CHUNK_BYTES // (4 * x.shape[-1]))
     parts = [F.linear(xm, widen(w[r : r + step]).to(xm.dtype)) for r in range(0, w.shape[0], step)]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).type_as(x)
@@ -291,6 +295,6 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
         and load() is not None
     ):
         return _gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
-    if x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and not _NATIVE_BF16:
+    if w.dtype == torch.bfloat16 and _emulated_bf16(x):
         return linear_by_rows(x, w, lambda rows: rows)
     return F.linear(x, w)
