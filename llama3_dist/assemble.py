@@ -127,9 +127,12 @@ def assemble(
         type(ckpt).__name__.removesuffix("Checkpoint"),
         ckpt.args.n_layers,
         f", tp={mesh.tp.size} pp={mesh.pp.size}" if mesh.world_size > 1 else "",
-        cfg.runtime.dtype + ("" if cfg.runtime.weights == "auto" else f", weights {cfg.runtime.weights}"),
+        cfg.runtime.dtype
+        + ("" if cfg.runtime.weights == "auto" else f", weights {cfg.runtime.weights}")
+        + ("" if cfg.runtime.activations == "float" else f", activations {cfg.runtime.activations}"),
     )
-    model = load_model(ckpt, mesh, cfg.runtime.torch_dtype, layer_ids, cfg.runtime.weights)
+    r = cfg.runtime
+    model = load_model(ckpt, mesh, r.torch_dtype, layer_ids, r.weights, r.activations)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = peak_rss_bytes()
     log.info(

@@ -17,6 +17,7 @@ from .errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # runtime.dtype -> torch dtype
 WEIGHTS = ("auto", "float", "int8", "int4")  # runtime.weights
+ACTIVATIONS = ("float", "int8")  # runtime.activations
 
 
 @dataclass
@@ -51,6 +52,9 @@ class RuntimeConfig:
     # float: dequantize everything to `dtype`; int8 / int4: quantize float weights on load to
     # Q8_0 / Q4_1 (groups of 32; weight-only: activations stay in `dtype`)
     weights: str = "auto"
+    # float: matmul inputs in `dtype`; int8: the input of each Q8_0 / Q4_0 / Q4_1 matmul is rounded to int8
+    # per 32 elements (as llama.cpp's CPU backend does) and decode multiplies integers: faster, other numbers
+    activations: str = "float"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -159,6 +163,12 @@ class Config:
         _choice("runtime.dtype", r.dtype, ("float32", "bfloat16"))
         _choice("runtime.device", r.device, ("cpu", "cuda"))
         _choice("runtime.weights", r.weights, WEIGHTS)
+        _choice("runtime.activations", r.activations, ACTIVATIONS)
+        if r.activations == "int8" and r.weights == "float":
+            raise ConfigError(
+                "runtime.activations=int8 rounds the inputs of quantized matmuls, and runtime.weights=float has none; "
+                "use runtime.weights=auto (a quantized GGUF), int8 or int4"
+            )
         if p.backend == "nccl" and r.device != "cuda":
             raise ConfigError("parallel.backend: nccl needs runtime.device=cuda; use gloo on CPU")
         if r.threads is not None and r.threads < 1:

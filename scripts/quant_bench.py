@@ -1,7 +1,8 @@
 """Quantized weights, measured: decode tok/s and peak RSS per runtime.weights/dtype, GEMV GB/s, and fidelity.
 
     python scripts/quant_bench.py speed [--checkpoint PATH] [--rounds 3] [--tokens 64] [--threads 1]
-        [--runs float:bfloat16,int8:bfloat16,int4:bfloat16]  (weights:dtype pairs; float:bfloat16 is the base)
+        [--runs float:bfloat16,int8:bfloat16,int4:bfloat16:int8]
+        (weights:dtype[:activations] runs; float:bfloat16 is the base)
     python scripts/quant_bench.py gemv [--threads 1]
     python scripts/quant_bench.py fidelity [--tokens 2048]
     [torchrun --nproc-per-node 2] python scripts/quant_bench.py big --weights int4 --tokens 4
@@ -39,13 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = [("auto", "float32"), ("float", "float32"), ("float", "bfloat16"), ("auto", "bfloat16")]
 
 
-def one(checkpoint: str, weights: str, dtype: str, tokens: int, threads: int) -> dict:
+def one(checkpoint: str, weights: str, dtype: str, activations: str, tokens: int, threads: int) -> dict:
     cfg = load_config(
         None,
         [
             f"model.checkpoint={checkpoint}",
             f"runtime.weights={weights}",
             f"runtime.dtype={dtype}",
+            f"runtime.activations={activations}",
             f"runtime.threads={threads}",
         ],
     )
@@ -66,9 +68,10 @@ def one(checkpoint: str, weights: str, dtype: str, tokens: int, threads: int) ->
 
 
 def speed(args) -> None:
-    best: dict[tuple[str, str], dict] = {}
+    best: dict[tuple[str, ...], dict] = {}
     for _ in range(args.rounds):
-        for weights, dtype in (run.split(":") for run in args.runs.split(",")):
+        for run in args.runs.split(","):
+            weights, dtype, activations = (run + ":float").split(":")[:3]
             out = subprocess.run(
                 [
                     sys.executable,
@@ -80,6 +83,8 @@ def speed(args) -> None:
                     weights,
                     "--dtype",
                     dtype,
+                    "--activations",
+                    activations,
                     "--tokens",
                     str(args.tokens),
                     "--threads",
@@ -90,24 +95,25 @@ def speed(args) -> None:
                 check=True,
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            key = (weights, dtype)
+            key = (weights, dtype, activations)
             if key not in best or r["tok_s"] > best[key]["tok_s"]:
                 best[key] = r
-    base_run = best[("float", "bfloat16")]
+    base_run = best[("float", "bfloat16", "float")]
     base = base_run["tok_s"]
     print(
-        "| runtime.weights | runtime.dtype | weights MiB | decode tok/s | vs float bf16 | peak RSS MiB | RSS vs bf16 |"
+        "| runtime.weights | runtime.dtype | runtime.activations | weights MiB | decode tok/s | vs float bf16 "
+        "| peak RSS MiB | RSS vs bf16 |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for (weights, dtype), r in best.items():
+    print("|---|---|---|---|---|---|---|---|")
+    for (weights, dtype, activations), r in best.items():
         print(
-            f"| {weights} | {dtype} | {r['weight_bytes'] / 2**20:.0f} | {r['tok_s']:.1f} | "
+            f"| {weights} | {dtype} | {activations} | {r['weight_bytes'] / 2**20:.0f} | {r['tok_s']:.1f} | "
             f"{r['tok_s'] / base:.2f}x | {r['peak_rss'] / 2**20:.0f} | {r['peak_rss'] / base_run['peak_rss']:.2f}x |"
         )
     for key, r in best.items():
-        if key != ("float", "bfloat16"):
+        if key != ("float", "bfloat16", "float"):
             same = common_prefix(r["tokens"], base_run["tokens"])
-            print(f"{key[0]} {key[1]}: first {same} of {len(r['tokens'])} greedy tokens as float bfloat16's")
+            print(f"{' '.join(key)}: first {same} of {len(r['tokens'])} greedy tokens as float bfloat16's")
 
 
 def gemv(args) -> None:
@@ -161,18 +167,22 @@ def fidelity(args) -> None:
         name="llama-shaped",
     )
     print(f"{len(ids)} tokens of README.md + llama3_dist/**/*.py (SmolLM2 tokenizer)")
-    print("| checkpoint | runtime.weights | perplexity | change | max abs logit error | mean KL(float, q) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| checkpoint | runtime.weights | activations | perplexity | change | max abs logit error | mean KL(float, q) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    both = [(w, a) for w in ("int8", "int4") for a in ("float", "int8")]
     for label, ckpt, runs in (
-        ("SmolLM2 Q4_1 GGUF", smol, ("auto",)),
-        ("SmolLM2 dequantized (float view)", FloatView(smol), ("int8", "int4")),
-        ("Llama-shaped random (dim 512, 4 layers)", llama, ("int8", "int4")),
+        ("SmolLM2 Q4_1 GGUF", smol, [("auto", "float"), ("auto", "int8")]),
+        ("SmolLM2 dequantized (float view)", FloatView(smol), both),
+        ("Llama-shaped random (dim 512, 4 layers)", llama, both),
     ):
         base_logits = logits_of(load_model(ckpt, Mesh.single(), torch.float32, weights="float"), ids)
         base = math.exp(F.cross_entropy(base_logits[:-1], torch.tensor(ids[1:])).item())
-        print(f"| {label} | float | {base:.3f} | | | |")
-        for weights in runs:
-            lg = logits_of(load_model(ckpt, Mesh.single(), torch.float32, weights=weights), ids)
+        print(f"| {label} | float | float | {base:.3f} | | | |")
+        for weights, activations in runs:
+            model = load_model(ckpt, Mesh.single(), torch.float32, weights=weights, activations=activations)
+            lg = logits_of(model, ids)
             ppl = math.exp(F.cross_entropy(lg[:-1], torch.tensor(ids[1:])).item())
             kl = (
                 F.kl_div(lg.log_softmax(-1), base_logits.log_softmax(-1), log_target=True, reduction="none")
@@ -180,7 +190,7 @@ def fidelity(args) -> None:
                 .mean()
             )
             print(
-                f"| {label} | {weights} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | "
+                f"| {label} | {weights} | {activations} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | "
                 f"{(lg - base_logits).abs().max().item():.2e} | {kl.item():.2e} |"
             )
 
@@ -230,13 +240,14 @@ def main() -> None:
     p.add_argument("--checkpoint", default=str(default_checkpoint()))
     p.add_argument("--weights", default="auto")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--activations", default="float")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runs", default=",".join(f"{w}:{d}" for w, d in RUNS), help="speed: weights:dtype,...")
     p.add_argument("--threads", type=int, default=1, help="torch threads (speed, gemv)")
     args = p.parse_args()
     if args.what == "one":
-        print(json.dumps(one(args.checkpoint, args.weights, args.dtype, args.tokens, args.threads)))
+        print(json.dumps(one(args.checkpoint, args.weights, args.dtype, args.activations, args.tokens, args.threads)))
     else:
         {"speed": speed, "gemv": gemv, "fidelity": fidelity, "big": big}[args.what](args)
 

@@ -54,6 +54,8 @@ class CountingOps:
 
         def call(*args):
             self.calls[name] += 1
+            if name == "qlinear" and len(args) > 3 and args[3]:
+                self.calls["qlinear int8_x"] += 1  # the integer product ran
             return fn(*args)
 
         return call
@@ -188,6 +190,61 @@ def test_compiled_decode_calls_the_kernel():
     assert (fn(x) - F.linear(x, reference(w, "Q4_1"))).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("qtype", quant.INT8_X_FORMATS)
+def test_int8_activations_kernel_is_the_product_with_rounded_x(qtype):
+    """The integer kernel (both builds) is x @ W.T with x rounded as round_activations rounds it: far
+    closer to that than to the float product, so the rounding really ran."""
+    ops = kernel_ops()
+    K, N = 7 * 32, 37
+    w = random_blocks(qtype, N, K, seed=21)
+    dense = reference(w, qtype)
+    gen = torch.Generator().manual_seed(22)
+    code = quant.FORMATS[qtype][0]
+    for M in range(1, quant.MAX_ROWS + 1):
+        x = torch.randn(M, K, generator=gen) * torch.rand(M, K // 32, 1, generator=gen).repeat(1, 1, 32).view(M, K)
+        want, unrounded = F.linear(quant.round_activations(x), dense), F.linear(x, dense)
+        scale = want.abs().max().item()
+        for op in (ops.qlinear, quant.ops_of("portable").qlinear):
+            got = op(x, w, code, True)
+            assert (got - want).abs().max().item() <= 1e-5 * scale, (qtype, M, op)
+            assert (got - unrounded).abs().max().item() >= 1e-3 * scale, (qtype, M, op)
+        got = ops.qlinear(x.bfloat16(), w, code, True)
+        want = F.linear(quant.round_activations(x.bfloat16()).float(), dense)
+        assert (got.float() - want).abs().max().item() <= 1e-2 * scale
+
+
+def test_round_activations_is_llama_cpps_q8_0():
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(23))
+    x[1, 32:64] = 0.0  # an all-zero block stays zero
+    got = quant.round_activations(x).view(3, 3, 32)
+    want = torch.from_numpy(
+        np.array(
+            gguf.quants.dequantize(
+                gguf.quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+            )
+        )
+    ).view(3, 3, 32)  # llama.cpp's Q8_0, whose scale is rounded to fp16: within one step of it
+    step = x.view(3, 3, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((got - want).abs() <= step * 1.01).all()
+    assert torch.equal(got[1, 1], torch.zeros(32))
+    codes = got / step.where(step > 0, 1.0)
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max().item() == pytest.approx(127)
+
+
+def test_int8_activations_are_for_the_32_element_formats():
+    w = random_blocks("Q4_K", 4, 256, seed=24)
+    with pytest.raises(RuntimeError, match="int8 activations run against Q8_0, Q4_0 and Q4_1 weights only"):
+        kernel_ops().qlinear(torch.randn(1, 256), w, quant.FORMATS["Q4_K"][0], True)
+
+
+def test_compiled_int8_activations_call_the_integer_kernel(counting):
+    w = random_blocks("Q4_1", 24, 64, seed=25)
+    x = torch.randn(1, 64)
+    fn = torch.compile(lambda x: quant.linear(x, w, "Q4_1", True), fullgraph=True)
+    want = F.linear(quant.round_activations(x), reference(w, "Q4_1"))
+    assert (fn(x) - want).abs().max().item() <= 1e-5
+
+
 # --- config and loading ----------------------------------------------------------------------------
 
 
@@ -196,6 +253,15 @@ def test_runtime_weights_is_validated():
     assert load_config(None, ["runtime.weights=int4"]).runtime.weights == "int4"
     with pytest.raises(ConfigError, match="runtime.weights: must be one of auto, float, int8, int4"):
         load_config(None, ["runtime.weights=int3"])
+
+
+def test_runtime_activations_is_validated():
+    assert load_config(None, []).runtime.activations == "float"
+    assert load_config(None, ["runtime.activations=int8", "runtime.weights=int4"]).runtime.activations == "int8"
+    with pytest.raises(ConfigError, match="runtime.activations: must be one of float, int8"):
+        load_config(None, ["runtime.activations=int4"])
+    with pytest.raises(ConfigError, match="runtime.weights=float has none; use runtime.weights=auto"):
+        load_config(None, ["runtime.activations=int8", "runtime.weights=float"])
 
 
 def logits(model, ids: list[int]) -> torch.Tensor:
@@ -321,10 +387,43 @@ def test_k_quants_stay_in_their_blocks_and_match_float(counting):
     assert got == generate(dense, Mesh.single(), [ids], greedy, frozenset())[0].tokens
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_int8_activations_round_every_quantized_input(tmp_path, qtype, counting):
+    """runtime.activations=int8: every quantized matmul of a generation (a 20-token prefill through torch's
+    path, decode steps through the integer kernel) is x @ W.T with x rounded. Checked layer by layer on
+    the inputs each layer really got: the rounding is discontinuous, so two paths' float noise (1e-6)
+    can move a value across a rounding boundary and whole models differ by ~1e-2 in their logits."""
+    path = write_gguf(random_model(tiny_config(vocab_size=300), seed=26), tmp_path / "m.gguf", qtype=qtype)
+    ckpt = open_checkpoint(path)
+    model = load_model(ckpt, Mesh.single(), torch.float32, weights="auto", activations="int8")
+    seen = []
+    for name, m in model.named_modules():
+        if hasattr(m, "int8_x"):
+            assert m.int8_x, name
+            m.register_forward_hook(lambda m, i, o: seen.append((m, i[0], o)))
+    counting.calls.clear()
+    generate(model, Mesh.single(), [list(range(3, 23))], SamplingParams(4, temperature=0.0), frozenset())
+    assert counting.calls["dequant"] > 0 and counting.calls["qlinear int8_x"] == counting.calls["qlinear"] > 0
+    assert {m for m, _, _ in seen} >= {model.output, model.layers["0"].feed_forward.w2}
+    for m, x, y in seen:
+        want = F.linear(quant.round_activations(x), quant.dequantize_torch(m.weight, m.qtype))
+        y = torch.cat(y, -1) if isinstance(y, tuple) else y
+        assert (y - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    floats = load_model(ckpt, Mesh.single(), torch.float32, weights="auto")
+    assert not any(m.int8_x for m in floats.modules() if hasattr(m, "int8_x"))
+
+
+def test_int8_activations_leave_k_quants_float():
+    args = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=512)
+    model = load_model(KQuantCheckpoint(args), Mesh.single(), torch.float32, weights="auto", activations="int8")
+    assert model.layers["0"].attention.wqkv.qtype == "Q4_K"
+    assert not any(m.int8_x for m in model.modules() if hasattr(m, "int8_x"))
+
+
 # --- the real SmolLM2 (Q4_1 layers, Q8_0 tied embedding) at every layout ---------------------------
 
 
-def smol_run(mesh: Mesh, path: str, weights: str, kernel: bool = True):
+def smol_run(mesh: Mesh, path: str, weights: str, kernel: bool = True, activations: str = "float"):
     """(logits of the prompt on the last stage or None, greedy tokens, qtypes held, kernel calls)."""
     own_load = quant.load
     if kernel:
@@ -333,7 +432,7 @@ def smol_run(mesh: Mesh, path: str, weights: str, kernel: bool = True):
     ckpt = open_checkpoint(path)
     tok = ckpt.tokenizer()
     layers = stage_layer_ids(ckpt.args, ParallelConfig(tensor=mesh.tp.size, pipeline=mesh.pp.size), mesh)
-    model = load_model(ckpt, mesh, torch.float32, layers, weights)
+    model = load_model(ckpt, mesh, torch.float32, layers, weights, activations)
     ids = tok.encode(SMOL_PROMPT)
     tokens = torch.tensor([ids])
     model.setup_caches(1, len(ids) + SMOL_NEW)
@@ -376,6 +475,33 @@ def test_smollm2_auto_at_every_layout_matches_float(smollm2_gguf, smol_float, te
         if got_logits is not None:
             assert (got_logits - want_logits).abs().max().item() <= TOL, rank
     assert sum(r[0] is not None for r in results) >= 1
+
+
+def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q) between next-token distributions."""
+    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def test_smollm2_int8_activations_at_tp2_and_pp2_are_one_ranks_model(smollm2_gguf, smol_float):
+    """Tensor parallelism splits on whole blocks, so every layout rounds the same 32-element groups; the
+    float noise of another summation order (1e-6) still moves a few values across a rounding boundary,
+    which moves SmolLM2's logits by up to ~1 (as much as the rounding itself moves them from float's):
+    so the layouts are compared as distributions, with float's distance as the yardstick."""
+    float_logits = smol_float[0]
+    want_logits, want_tokens, _, calls = smol_run(Mesh.single(), str(smollm2_gguf), "auto", True, "int8")
+    assert calls.get("qlinear int8_x", 0) > 0
+    rounding = mean_kl(float_logits, want_logits)
+    assert 1e-4 < rounding < 0.02, rounding  # the rounding ran, and it costs little
+    for tensor, pipeline in ((2, 1), (1, 2)):
+        results = run_ranks(
+            smol_run, tensor * pipeline, str(smollm2_gguf), "auto", True, "int8", tensor=tensor, pipeline=pipeline
+        )
+        for rank, (got_logits, tokens, _, calls) in enumerate(results):
+            assert tokens[0] == want_tokens[0], (tensor, pipeline, rank)
+            assert calls.get("qlinear int8_x", 0) > 0, rank
+            if got_logits is not None:
+                assert mean_kl(want_logits, got_logits) < 3 * rounding, (tensor, pipeline, rank)
 
 
 # --- int8 / int4 on load ----------------------------------------------------------------------------

@@ -50,6 +50,7 @@ def run_ours(args) -> dict:
             f"runtime.compile={str(args.compile).lower()}",
             f"runtime.cuda_graphs={str(args.graphs).lower()}",
             f"runtime.weights={args.weights}",
+            f"runtime.activations={args.activations}",
         ],
     )  # float: the dense weights transformers and llama.cpp get; auto: a GGUF's blocks, as llama.cpp reads them
     ready = assemble(cfg, open_bench_checkpoint(args.checkpoint, args.device), tokenizer=False)
@@ -220,6 +221,7 @@ def worker(argv: list[str]) -> int:
     p.add_argument("--graphs", action="store_true", help="replay decode steps from CUDA graphs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--weights", default="float", help="ours: runtime.weights")
+    p.add_argument("--activations", default="float", help="ours: runtime.activations")
     p.add_argument("--gpt-fast-dir")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

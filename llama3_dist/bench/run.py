@@ -32,6 +32,7 @@ class Setting:
     batch: int
     engines: tuple[str, ...]  # ours, ours-tp2, ours-graphs, ours-eager, transformers, llama.cpp
     file_format: str | None = None  # a GGUF block format every engine reads as is (ours: runtime.weights=auto)
+    activations: str = "float"  # ours: runtime.activations (int8: rounded as llama.cpp's CPU backend rounds them)
 
 
 def settings(quick: bool, device: str = "cpu") -> list[Setting]:
@@ -55,6 +56,8 @@ def settings(quick: bool, device: str = "cpu") -> list[Setting]:
         Setting("Llama-3.2-1B shape bf16 b1", "llama3.2-1b", "bfloat16", 1, ("ours", "ours-tp2", "transformers")),
         Setting("SmolLM2 Q4_1 file b1", "smollm2", "float32", 1, ("ours", "llama.cpp"), file_format="Q4_1"),
         Setting("SmolLM2 Q8_0 file b1", "smollm2", "float32", 1, ("ours", "llama.cpp"), file_format="Q8_0"),
+        Setting("SmolLM2 Q4_1 file b1 int8-act", "smollm2", "float32", 1, ("ours", "llama.cpp"), "Q4_1", "int8"),
+        Setting("SmolLM2 Q8_0 file b1 int8-act", "smollm2", "float32", 1, ("ours", "llama.cpp"), "Q8_0", "int8"),
     ]
     return full[:1] if quick else full
 
@@ -127,6 +130,8 @@ def launch(engine: str, ckpt: str, s: Setting, args) -> dict:
         common.append("--compile")
     if s.file_format is not None:
         common += ["--weights", "auto"]
+    if s.activations != "float" and engine.startswith("ours"):
+        common += ["--activations", s.activations]
     if engine in ("ours", "ours-graphs") and device == "cuda":
         common.append("--graphs")
     if engine == "gpt-fast":

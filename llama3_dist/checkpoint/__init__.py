@@ -17,7 +17,16 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..errors import CheckpointError, TokenizerError
-from ..kernels.quant import ON_LOAD, ON_LOAD_TABLE, QUANTIZE_CHUNK, block_size, dequantize, quantize, row_bytes
+from ..kernels.quant import (
+    INT8_X_FORMATS,
+    ON_LOAD,
+    ON_LOAD_TABLE,
+    QUANTIZE_CHUNK,
+    block_size,
+    dequantize,
+    quantize,
+    row_bytes,
+)
 from ..model import Transformer
 from ..parallel.layers import VocabParallelEmbedding, VocabParallelHead
 from ..parallel.mesh import Mesh
@@ -73,12 +82,18 @@ def is_gguf(path: Path) -> bool:
 
 
 def load_model(
-    ckpt: Checkpoint, mesh: Mesh, dtype: torch.dtype, layer_ids: range | None = None, weights: str = "float"
+    ckpt: Checkpoint,
+    mesh: Mesh,
+    dtype: torch.dtype,
+    layer_ids: range | None = None,
+    weights: str = "float",
+    activations: str = "float",
 ) -> Transformer:
     """This rank's stage of the model, each parameter read from `ckpt` as exactly the slice it owns.
 
     `weights` is runtime.weights: which matmul and embedding weights are held in a block format
-    (see weight_formats); the rest, and every norm, are float in `dtype`.
+    (see weight_formats); the rest, and every norm, are float in `dtype`. `activations` is
+    runtime.activations: with int8, the layers whose weight is Q8_0, Q4_0 or Q4_1 round their input.
     """
     args = ckpt.args
     with torch.device("meta"):
@@ -96,6 +111,9 @@ def load_model(
         if isinstance(module, VocabParallelEmbedding):
             module.dtype = dtype
     model.tie_weights()
+    for module in model.modules():
+        if hasattr(module, "int8_x"):
+            module.int8_x = activations == "int8" and module.qtype in INT8_X_FORMATS
     trim_heap()  # the load's copies are freed: hand their heap back
     if mesh.device.type == "cpu":
         kernels.load()  # build or load the decode kernels (float and quantized) now, not inside the first timed step

@@ -14,6 +14,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -108,6 +110,39 @@ void row_portable(const uint8_t* w, const float* x, const float* /*xsum*/, int64
     }
   }
   for (int64_t m = 0; m < M; ++m) y[m * ldy] = acc[m];
+}
+
+// --- int8 activations (runtime.activations=int8), as llama.cpp's CPU backend multiplies ---
+// Each row of x is quantized per 32 elements like a Q8_0 block (dx = max|x| / 127, qx = round(x / dx));
+// one block of a Q8_0 / Q4_0 / Q4_1 weight against it is an integer dot product scaled once:
+// dot(dw * c + m, x) ~ dw * dx * sum(c * qx) + m * sum(x), sum(x) being the block's exact sum (Q4_0's
+// codes are unsigned with the minimum -8 dw, as above).
+struct Int8X {
+  const int8_t* q;   // (M, K)
+  const float* ds;   // (M, K / 32, 2): each block's scale and sum of x (the minimums' term)
+};
+
+inline int block_code(const uint8_t* b, int64_t qtype, int j) {
+  if (qtype == Q8_0) return reinterpret_cast<const int8_t*>(b + 2)[j];
+  const uint8_t* q = b + (qtype == Q4_1 ? 4 : 2);
+  return j < 16 ? q[j] & 0xF : q[j - 16] >> 4;
+}
+
+template <int Q>
+void row_int8x_portable(const uint8_t* w, const Int8X& x, int64_t M, int64_t K, float* y, int64_t ldy) {
+  const int64_t nb = K / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* b = w;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < nb; ++i, b += kBytes[Q]) {
+      int32_t s = 0;
+      for (int j = 0; j < 32; ++j) s += block_code(b, Q, j) * x.q[m * K + i * 32 + j];
+      const float* ds = x.ds + (m * nb + i) * 2;
+      acc += f16(b) * ds[0] * static_cast<float>(s);
+      if constexpr (Q != Q8_0) acc += (Q == Q4_1 ? f16(b + 2) : -8.0f * f16(b)) * ds[1];
+    }
+    y[m * ldy] = acc;
+  }
 }
 
 #ifdef L3D_X86_SIMD
@@ -221,6 +256,73 @@ void row_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t M, in
     case 1: tile_avx2<Q, 1>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy); break;
   }
 }
+
+// MT rows of x (int8) against one row of W: per block the 32 codes are bytes in one register and
+// maddubs (unsigned x signed bytes -> int16 pairs) then madd (-> int32) give 8 partial sums, turned
+// to float and scaled by dw * dx. The block's two scales [dw, m] times x's [dx, sum(x)] are one
+// 128-bit product: lane 0 scales the codes' sum, lane 1 is the minimum's term, accumulated as a
+// vector. A independent chains (blocks i mod A) hide the FMA and add latencies.
+template <int Q, int MT>
+void tile_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t m0, int64_t K, float* out, int64_t ldy) {
+  constexpr int A = MT == 1 ? 4 : 2;
+  const int64_t nb = K / 32;
+  const int8_t* xq = x.q + m0 * K;
+  const float* xds = x.ds + m0 * nb * 2;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MT][A];
+  __m128 macc[MT][A];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps(), macc[m][a] = _mm_setzero_ps();
+  auto block = [&](const uint8_t* b, int64_t i, int a) {
+    __m128 dm;  // [dw, m]
+    __m256i c;
+    if constexpr (Q == Q8_0) {
+      dm = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const uint16_t*>(b)));
+      c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+    } else {  // byte j: element j (low nibble, j < 16) or element j (high nibble of byte j - 16)
+      if constexpr (Q == Q4_1) {
+        int32_t h;
+        std::memcpy(&h, b, 4);
+        dm = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
+      } else {
+        dm = _mm_mul_ps(_mm_set1_ps(f16_hw(b)), _mm_setr_ps(1.0f, -8.0f, 0.0f, 0.0f));
+      }
+      const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == Q4_1 ? 4 : 2)));
+      c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
+    }
+    const __m256i cu = Q == Q8_0 ? _mm256_sign_epi8(c, c) : c;  // |c|: maddubs wants its first operand unsigned
+    for (int m = 0; m < MT; ++m) {
+      __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + i * 32));
+      if constexpr (Q == Q8_0) q = _mm256_sign_epi8(q, c);  // the sign of c moved onto x
+      const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(cu, q), ones));
+      const __m128 sm = _mm_mul_ps(dm, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xds + (m * nb + i) * 2))));
+      acc[m][a] = _mm256_fmadd_ps(_mm256_broadcastss_ps(sm), s, acc[m][a]);
+      if constexpr (Q != Q8_0) macc[m][a] = _mm_add_ps(macc[m][a], sm);
+    }
+  };
+  int64_t i = 0;
+  for (; i + A <= nb; i += A, w += A * kBytes[Q])
+    for (int a = 0; a < A; ++a) block(w + a * kBytes[Q], i + a, a);
+  for (int a = 0; i < nb; ++i, ++a, w += kBytes[Q]) block(w, i, a);
+  for (int m = 0; m < MT; ++m) {
+    __m256 t = acc[m][0];
+    __m128 u = macc[m][0];
+    for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]), u = _mm_add_ps(u, macc[m][a]);
+    out[m * ldy] = hsum(t) + (Q == Q8_0 ? 0.0f : _mm_cvtss_f32(_mm_movehdup_ps(u)));
+  }
+}
+
+template <int Q>
+void row_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t M, int64_t K, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_int8x_avx2<Q, 4>(w, x, m, K, y + m * ldy, ldy);
+  switch (M - m) {
+    case 3: tile_int8x_avx2<Q, 3>(w, x, m, K, y + m * ldy, ldy); break;
+    case 2: tile_int8x_avx2<Q, 2>(w, x, m, K, y + m * ldy, ldy); break;
+    case 1: tile_int8x_avx2<Q, 1>(w, x, m, K, y + m * ldy, ldy); break;
+  }
+}
 #endif
 
 // One row n of W against M rows of x: y[m * ldy] for m < M (y points at column n of the (M, N) output).
@@ -233,6 +335,61 @@ constexpr RowFn row_fn() {
 #else
   return &row_portable<Q>;
 #endif
+}
+
+// x (blocks of 32 floats) -> int8 codes and [dx, dx * sum(codes)] per block: dx = max|x| / 127,
+// codes = round-half-even(x / dx) (x * (1 / dx), as quant.py's round_activations).
+void quantize_x(const float* x, int64_t blocks, int8_t* q, float* ds) {
+  for (int64_t b = 0; b < blocks; ++b, x += 32, q += 32, ds += 2) {
+#ifdef L3D_X86_SIMD
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(x + 8 * j), amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f;
+    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    __m256i i[4];
+    for (int j = 0; j < 4; ++j)
+      i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    // int32 -> int8 with the packs' lane interleave undone by one permute
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    const int32_t sum = _mm_cvtsi128_si32(s4);
+#else
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) sum += q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+#endif
+    ds[0] = d;
+    ds[1] = d * static_cast<float>(sum);
+  }
+}
+
+using Int8RowFn = void (*)(const uint8_t*, const Int8X&, int64_t, int64_t, float*, int64_t);
+
+template <int Q>
+constexpr Int8RowFn int8x_fn() {
+#ifdef L3D_X86_SIMD
+  return &row_int8x_avx2<Q>;
+#else
+  return &row_int8x_portable<Q>;
+#endif
+}
+
+Int8RowFn pick_int8x(int64_t qtype) {
+  switch (qtype) {
+    case Q8_0: return int8x_fn<Q8_0>();
+    case Q4_0: return int8x_fn<Q4_0>();
+    case Q4_1: return int8x_fn<Q4_1>();
+  }
+  TORCH_CHECK(false, "qlinear: int8 activations run against Q8_0, Q4_0 and Q4_1 weights only, not qtype ", qtype);
 }
 
 RowFn pick(int64_t qtype) {
@@ -253,27 +410,39 @@ int64_t in_features(const at::Tensor& w, int64_t qtype) {
   return w.size(1) / kBytes[qtype] * kBlock[qtype];
 }
 
-at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype) {
+at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, bool int8_x) {
   const int64_t K = in_features(w, qtype);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "qlinear: x must be (M, ", K, ")");
-  const int64_t M = x_in.size(0), N = w.size(0), row_bytes = w.size(1);
+  const int64_t M = x_in.size(0), N = w.size(0), row_bytes = w.size(1), nb = K / 32;
   TORCH_CHECK(M <= kMaxRows, "qlinear: at most ", kMaxRows, " rows of x");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const float* X = x.data_ptr<float>();
   const uint8_t* W = w.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
-  const RowFn row = pick(qtype);
-  // Per row of x, the sum of each 32-element block (the minimums' term of Q4_0 / Q4_1), once per call.
-  std::vector<float> xsum(qtype == Q4_0 || qtype == Q4_1 ? M * (K / 32) : 0);
+  const RowFn row = int8_x ? nullptr : pick(qtype);
+  const Int8RowFn row8 = int8_x ? pick_int8x(qtype) : nullptr;
+  // Per row of x, the sum of each 32-element block (the minimums' term of Q4_0 / Q4_1), once per call;
+  // with int8 activations also its Q8_0-style codes and scale.
+  const bool sums = qtype == Q4_0 || qtype == Q4_1;
+  std::vector<float> xsum(sums && !int8_x ? M * nb : 0), xds(int8_x ? M * nb * 2 : 0);
+  std::vector<int8_t> xq(int8_x ? M * K : 0);
+  if (int8_x) quantize_x(X, M * nb, xq.data(), xds.data());
   for (size_t b = 0; b < xsum.size(); ++b) {
     float s = 0.0f;
     for (int j = 0; j < 32; ++j) s += X[b * 32 + j];
     xsum[b] = s;
   }
-  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, xsum.data(), M, K, Y + n, N);
-  });
+  if (int8_x) {
+    const Int8X xi{xq.data(), xds.data()};
+    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) row8(W + n * row_bytes, xi, M, K, Y + n, N);
+    });
+  } else {
+    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, xsum.data(), M, K, Y + n, N);
+    });
+  }
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
@@ -307,7 +476,7 @@ at::Tensor dequant(const at::Tensor& w, int64_t qtype) {
 // Native ops of this build (torch.ops.llama3_dist.qlinear_<isa>, dequant_<isa>): callable from
 // torch.compile's generated code like aten ops.
 TORCH_LIBRARY_FRAGMENT(llama3_dist, m) {
-  m.def(L3D_OP(qlinear) "(Tensor x, Tensor w, int qtype) -> Tensor");
+  m.def(L3D_OP(qlinear) "(Tensor x, Tensor w, int qtype, bool int8_x=False) -> Tensor");
   m.def(L3D_OP(dequant) "(Tensor w, int qtype) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama3_dist, CPU, m) {

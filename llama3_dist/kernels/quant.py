@@ -12,7 +12,8 @@ names); None means a float weight.
     Q6_K  256: 16 x 16 6-bit, int8 scales        (210 bytes / 256)
 
 A decode step (at most MAX_ROWS rows of x) on CPU runs `quant.cpp`, which dequantizes in registers
-and accumulates in float32: the variant of the kernel family that `kernels` chose (its avx2 and
+and accumulates in float32 (with runtime.activations=int8, it rounds x to int8 per 32 elements and
+multiplies integers, as llama.cpp does): the variant of the kernel family that `kernels` chose (its avx2 and
 AVX-512 builds run AVX2 + FMA loops, its portable build a loop the compiler vectorises). Larger
 inputs (prefill) dequantize a block of rows at a time (kernels.linear_by_rows). Where the family is not
 built (no compiler, LLAMA3_DIST_KERNELS=torch, or CUDA) every path is torch's: the dequantizers
@@ -36,6 +37,8 @@ FORMATS = {"Q8_0": (0, 32, 34), "Q4_0": (1, 32, 18), "Q4_1": (2, 32, 20), "Q4_K"
 ON_LOAD = {"int8": "Q8_0", "int4": "Q4_1"}
 ON_LOAD_TABLE = {"int8": "Q8_0", "int4": "Q8_0"}
 MAX_ROWS = 16
+# runtime.activations=int8 rounds the input of a matmul against these formats (round_activations)
+INT8_X_FORMATS = ("Q8_0", "Q4_0", "Q4_1")
 
 
 def block_size(qtype: str) -> int:
@@ -71,7 +74,7 @@ def ops_of(variant: str) -> Ops:
         return _ops[variant]
     found = _ops[variant] = Ops(variant)
     torch.library.register_fake(f"llama3_dist::qlinear_{variant}")(
-        lambda x, w, qtype: x.new_empty(x.shape[0], w.shape[0])
+        lambda x, w, qtype, int8_x=False: x.new_empty(x.shape[0], w.shape[0])
     )
     torch.library.register_fake(f"llama3_dist::dequant_{variant}")(
         lambda w, qtype: w.new_empty(w.shape[0], w.shape[1] // _BYTES[qtype] * _BLOCK[qtype], dtype=torch.float32)
@@ -100,16 +103,30 @@ def dequantize(w: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> Ten
     return dequantize_torch(w, qtype).to(dtype)
 
 
-def linear(x: Tensor, w: Tensor, qtype: str | None) -> Tensor:
-    """x @ W.T (no bias) for a float weight (qtype None) or a quantized one; float32 accumulation."""
+def linear(x: Tensor, w: Tensor, qtype: str | None, int8_x: bool = False) -> Tensor:
+    """x @ W.T (no bias) for a float weight (qtype None) or a quantized one; float32 accumulation.
+
+    int8_x (a weight in INT8_X_FORMATS): x @ W.T with x rounded as round_activations rounds it; a
+    decode step's kernel then multiplies integers (llama.cpp's scheme)."""
     if qtype is None:
         return kernels.linear(x, w)
     K = x.shape[-1]
     rows = x.numel() // K
     ops = _kernel(w)
     if ops is not None and rows <= MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-        return ops.qlinear(x.reshape(rows, K), w, FORMATS[qtype][0]).view(*x.shape[:-1], w.shape[0])
+        return ops.qlinear(x.reshape(rows, K), w, FORMATS[qtype][0], int8_x).view(*x.shape[:-1], w.shape[0])
+    if int8_x:
+        x = round_activations(x)
     return kernels.linear_by_rows(x, w, lambda rows: dequantize(rows, qtype, x.dtype))
+
+
+def round_activations(x: Tensor) -> Tensor:
+    """x rounded to int8 codes and back, per 32 elements of its last dimension, as llama.cpp rounds
+    activations to Q8_0: dx = max|x| / 127, x ~ dx * round-half-even(x / dx). In x's dtype, computed in float32."""
+    xb = x.float().unflatten(-1, (-1, 32))
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, 0.0)
+    return (torch.round(xb * inv) * d).flatten(-2).to(x.dtype)
 
 
 def embedding(tokens: Tensor, w: Tensor, qtype: str | None, dtype: torch.dtype) -> Tensor:

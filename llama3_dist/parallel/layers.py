@@ -5,7 +5,8 @@ so a loader can read exactly that slice from disk. With a group of size 1 every 
 plain dense layer, so one model.py serves every layout.
 
 A weight is float, or quantized in one of llama.cpp's block formats (`qtype`, kernels/quant.py):
-then it is uint8 (rows, blocks x block bytes), and the loader sets `qtype` when it fills it.
+then it is uint8 (rows, blocks x block bytes), and the loader sets `qtype` when it fills it, and
+`int8_x` where the layer's input is rounded to int8 first (runtime.activations=int8).
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ class ColumnParallelLinear(nn.Module):
         self.shard = (0, start, stop)
         self.weight = _empty(stop - start, in_features)
         self.qtype: str | None = None
+        self.int8_x = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.qtype)
+        return linear(x, self.weight, self.qtype, self.int8_x)
 
 
 class MergedColumnParallelLinear(nn.Module):
@@ -96,9 +98,10 @@ class MergedColumnParallelLinear(nn.Module):
         self.sizes = [stop - start for _, _, (start, stop) in parts]
         self.weight = _empty(sum(self.sizes), in_features)
         self.qtype: str | None = None  # one format for the whole stack
+        self.int8_x = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return linear(x, self.weight, self.qtype).split(self.sizes, dim=-1)
+        return linear(x, self.weight, self.qtype, self.int8_x).split(self.sizes, dim=-1)
 
 
 class RowParallelLinear(nn.Module):
@@ -111,9 +114,10 @@ class RowParallelLinear(nn.Module):
         self.shard = (1, start, stop)
         self.weight = _empty(out_features, stop - start)
         self.qtype: str | None = None
+        self.int8_x = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(linear(x, self.weight, self.qtype), self.group)
+        return all_reduce(linear(x, self.weight, self.qtype, self.int8_x), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -151,4 +155,4 @@ class VocabParallelHead(ColumnParallelLinear):
         self.weight, self.qtype = table.weight, table.qtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_gather(linear(x, self.weight, self.qtype), self.group, self.sizes, dim=-1)
+        return all_gather(linear(x, self.weight, self.qtype, self.int8_x), self.group, self.sizes, dim=-1)
