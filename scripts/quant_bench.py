@@ -117,7 +117,8 @@ def speed(args) -> None:
 
 
 def gemv(args) -> None:
-    """One decode-step matrix-vector product per format vs F.linear on float32 / bfloat16 weights."""
+    """One decode-step matrix-vector product per format (float x, and x rounded to int8) vs F.linear on
+    float32 / bfloat16 weights."""
     torch.set_num_threads(args.threads)
     ops = quant.load()
     gen = torch.Generator().manual_seed(0)
@@ -142,6 +143,7 @@ def gemv(args) -> None:
         for qtype in ("Q8_0", "Q4_0", "Q4_1"):
             q = quant.quantize(w, qtype)
             rows.append((qtype, timed(lambda: quant.linear(x, q, qtype)), q.numel()))
+            rows.append((f"{qtype}, int8 x", timed(lambda: quant.linear(x, q, qtype, True)), q.numel()))
         for name, t, nbytes in rows:
             print(f"| {N} x {K} | {name} | {t * 1e3:.3f} | {nbytes / t / 1e9:.2f} | {t32 / t:.2f}x |")
 

@@ -301,16 +301,71 @@ void tile_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t m0, int64_t K, fl
       if constexpr (Q != Q8_0) macc[m][a] = _mm_add_ps(macc[m][a], sm);
     }
   };
+  // Q4_0 / Q4_1, blocks A and B at a time: their 16 code bytes share one register (A in the low 128
+  // bits, B in the high), so one mask and one shift give both blocks' low and high nibbles, against
+  // x in pair order (pair_order: A[0:16] B[0:16] A[16:32] B[16:32]); the products' lanes stay apart
+  // (A low, B high) and are scaled by [sA x 4 | sB x 4].
+  const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+  auto pair = [&](const uint8_t* b, int64_t i, int a) {
+    constexpr int off = Q == Q4_1 ? 4 : 2;
+    const __m256i t = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + off))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kBytes[Q] + off)), 1);
+    const __m256i lo = _mm256_and_si256(t, low), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), low);
+    __m128 dm;  // [dA, mA, dB, mB]
+    if constexpr (Q == Q4_1) {
+      int32_t ha, hb;
+      std::memcpy(&ha, b, 4);
+      std::memcpy(&hb, b + kBytes[Q], 4);
+      dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(ha), hb, 1));
+    } else {
+      uint16_t ha, hb;
+      std::memcpy(&ha, b, 2);
+      std::memcpy(&hb, b + kBytes[Q], 2);
+      dm = _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi16(ha, ha, hb, hb, 0, 0, 0, 0)), _mm_setr_ps(1.0f, -8.0f, 1.0f, -8.0f));
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* xp = xq + m * K + i * 32;
+      const __m256i p = _mm256_add_epi16(
+          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
+          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
+      const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+      const __m128 sm = _mm_mul_ps(dm, _mm_loadu_ps(xds + (m * nb + i) * 2));
+      acc[m][a] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(sm), lanes), s, acc[m][a]);
+      macc[m][a] = _mm_add_ps(macc[m][a], sm);
+    }
+  };
   int64_t i = 0;
-  for (; i + A <= nb; i += A, w += A * kBytes[Q])
-    for (int a = 0; a < A; ++a) block(w + a * kBytes[Q], i + a, a);
-  for (int a = 0; i < nb; ++i, ++a, w += kBytes[Q]) block(w, i, a);
+  if constexpr (Q == Q8_0) {
+    for (; i + A <= nb; i += A, w += A * kBytes[Q])
+      for (int a = 0; a < A; ++a) block(w + a * kBytes[Q], i + a, a);
+    for (int a = 0; i < nb; ++i, ++a, w += kBytes[Q]) block(w, i, a);
+  } else {
+    for (; i + 2 * A <= nb; i += 2 * A, w += 2 * A * kBytes[Q])
+      for (int a = 0; a < A; ++a) pair(w + 2 * a * kBytes[Q], i + 2 * a, a);
+    for (int a = 0; i + 2 <= nb; i += 2, ++a, w += 2 * kBytes[Q]) pair(w, i, a);
+    if (i < nb) block(w, i, 0);  // an odd last block, in natural order
+  }
   for (int m = 0; m < MT; ++m) {
     __m256 t = acc[m][0];
     __m128 u = macc[m][0];
     for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]), u = _mm_add_ps(u, macc[m][a]);
-    out[m * ldy] = hsum(t) + (Q == Q8_0 ? 0.0f : _mm_cvtss_f32(_mm_movehdup_ps(u)));
+    // the minimums' terms: lane 1 (block A, or a single block) and lane 3 (block B)
+    out[m * ldy] = hsum(t) + (Q == Q8_0 ? 0.0f : _mm_cvtss_f32(_mm_add_ss(_mm_movehdup_ps(u), _mm_movehl_ps(u, _mm_movehdup_ps(u)))));
   }
+}
+
+// Rows of int8 x (M, K) from natural to pair order for the Q4 kernels: in each pair of blocks A, B
+// the middle 16-byte chunks swap, giving A[0:16] B[0:16] A[16:32] B[16:32]; an odd last block stays.
+void pair_order(int8_t* q, int64_t M, int64_t K) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j + 64 <= K; j += 64) {
+      int8_t* p = q + m * K + j;
+      int8_t t[16];
+      std::memcpy(t, p + 16, 16);
+      std::memcpy(p + 16, p + 32, 16);
+      std::memcpy(p + 32, t, 16);
+    }
 }
 
 template <int Q>
@@ -427,7 +482,12 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, b
   const bool sums = qtype == Q4_0 || qtype == Q4_1;
   std::vector<float> xsum(sums && !int8_x ? M * nb : 0), xds(int8_x ? M * nb * 2 : 0);
   std::vector<int8_t> xq(int8_x ? M * K : 0);
-  if (int8_x) quantize_x(X, M * nb, xq.data(), xds.data());
+  if (int8_x) {
+    quantize_x(X, M * nb, xq.data(), xds.data());
+#ifdef L3D_X86_SIMD
+    if (sums) pair_order(xq.data(), M, K);
+#endif
+  }
   for (size_t b = 0; b < xsum.size(); ++b) {
     float s = 0.0f;
     for (int j = 0; j < 32; ++j) s += X[b * 32 + j];
