@@ -1,10 +1,12 @@
-// Weight-only quantized matmuls for CPU over llama.cpp's block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+// Matmuls with quantized weights for CPU, over llama.cpp's block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
 //
 // A weight is a uint8 tensor (N, K / block * block_bytes): each row of W is its blocks, byte for
 // byte as in a GGUF file. `qlinear` computes y = x @ W.T for a few rows of x (a decode step): each
 // row of W is read once, its blocks are dequantized in registers (AVX2 + FMA for the 32-element
 // formats) or into a 256-float buffer in L1 (the K-quant super-blocks), and dotted with every row
-// of x in float32. `dequant` expands rows of W to float32 (prefill, embedding lookups).
+// of x in float32. With int8_x (runtime.activations=int8, Q8_0 / Q4_x) each row of x is first rounded to
+// int8 per 32 elements and the blocks are dotted in integers (maddubs), as llama.cpp's CPU backend
+// does. `dequant` expands rows of W to float32 (prefill, embedding lookups).
 // Part of the kernel family (kernels/__init__.py): compiled with decode.cpp once per instruction
 // set, registering torch.ops.llama3_dist.qlinear_<isa> / dequant_<isa>. The x86 builds (avx2 and
 // the AVX-512 ones) run the AVX2 + FMA + F16C loops; the portable build runs a scalar dequantizer
@@ -113,13 +115,13 @@ void row_portable(const uint8_t* w, const float* x, const float* /*xsum*/, int64
 }
 
 // --- int8 activations (runtime.activations=int8), as llama.cpp's CPU backend multiplies ---
-// Each row of x is quantized per 32 elements like a Q8_0 block (dx = max|x| / 127, qx = round(x / dx));
-// one block of a Q8_0 / Q4_0 / Q4_1 weight against it is an integer dot product scaled once:
-// dot(dw * c + m, x) ~ dw * dx * sum(c * qx) + m * sum(x), sum(x) being the block's exact sum (Q4_0's
-// codes are unsigned with the minimum -8 dw, as above).
+// Each row of x is rounded per 32 elements like a Q8_0 block (dx = max|x| / 127, qx = round(x / dx),
+// x^ = dx * qx); one block of a Q8_0 / Q4_0 / Q4_1 weight against it is an integer dot product scaled
+// once: dot(dw * c + m, x^) = dw * dx * sum(c * qx) + m * dx * sum(qx) (Q4_0's codes are unsigned with
+// the minimum -8 dw, as above). The result is x^ @ W.T, as quant.py's round_activations defines it.
 struct Int8X {
   const int8_t* q;   // (M, K)
-  const float* ds;   // (M, K / 32, 2): each block's scale and sum of x (the minimums' term)
+  const float* ds;   // (M, K / 32, 2): each block's dx and dx * sum(qx) (the minimums' term)
 };
 
 inline int block_code(const uint8_t* b, int64_t qtype, int j) {
@@ -259,7 +261,7 @@ void row_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t M, in
 
 // MT rows of x (int8) against one row of W: per block the 32 codes are bytes in one register and
 // maddubs (unsigned x signed bytes -> int16 pairs) then madd (-> int32) give 8 partial sums, turned
-// to float and scaled by dw * dx. The block's two scales [dw, m] times x's [dx, sum(x)] are one
+// to float and scaled by dw * dx. The block's two scales [dw, m] times x's [dx, dx * sum(qx)] are one
 // 128-bit product: lane 0 scales the codes' sum, lane 1 is the minimum's term, accumulated as a
 // vector. A independent chains (blocks i mod A) hide the FMA and add latencies.
 template <int Q, int MT>
@@ -350,8 +352,9 @@ void tile_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t m0, int64_t K, fl
     __m256 t = acc[m][0];
     __m128 u = macc[m][0];
     for (int a = 1; a < A; ++a) t = _mm256_add_ps(t, acc[m][a]), u = _mm_add_ps(u, macc[m][a]);
-    // the minimums' terms: lane 1 (block A, or a single block) and lane 3 (block B)
-    out[m * ldy] = hsum(t) + (Q == Q8_0 ? 0.0f : _mm_cvtss_f32(_mm_add_ss(_mm_movehdup_ps(u), _mm_movehl_ps(u, _mm_movehdup_ps(u)))));
+    float mins[4];  // the minimums' terms: lane 1 (block A, or a single block) and lane 3 (block B)
+    _mm_storeu_ps(mins, u);
+    out[m * ldy] = hsum(t) + (Q == Q8_0 ? 0.0f : mins[1] + mins[3]);
   }
 }
 
