@@ -1,6 +1,7 @@
 """Where a decode step's time goes: torch.profiler over a few decode steps, top ops by time.
 
     python scripts/profile_decode.py                                    # embedded SmolLM2, CPU
+    python scripts/profile_decode.py --compile --weights auto --activations int8   # its Q4_1 blocks, int8 x
     python scripts/profile_decode.py --checkpoint random:llama3-8b --device cuda --dtype bfloat16 --compile
 
 On CUDA the table is by GPU kernel time (CUDA graphs are left off, so each kernel is seen); the
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step first")
     p.add_argument("--weights", default="float", help="runtime.weights: float, auto, int8, int4")
+    p.add_argument("--activations", default="float", help="runtime.activations: float, int8")
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
@@ -54,6 +56,7 @@ def main() -> None:
             f"runtime.device={args.device}",
             f"runtime.dtype={args.dtype}",
             f"runtime.weights={args.weights}",
+            f"runtime.activations={args.activations}",
             f"runtime.compile={str(args.compile).lower()}",
             "runtime.cuda_graphs=false",
         ],
