@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.distributed import run_ranks
-from helpers.memory import reset_peak, status
+from helpers.memory import Growth, status
 
 from llama3_dist import kernels
 from llama3_dist.checkpoint import load_model, open_checkpoint
@@ -58,13 +58,10 @@ def _prefill_peak(mesh, path: str, batch: int, seq_len: int):
     model.cache.v.fill_(1.0)
     tokens = torch.randint(0, ckpt.args.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(seq_len).expand(batch, seq_len)
-    trim_heap()
-    base, base_file = status("VmRSS"), status("RssFile")
-    reset_peak()
-    with torch.inference_mode():
+    with Growth() as grown, torch.inference_mode():
         logits = run_stages(model, mesh, tokens, pos, torch.full((batch,), seq_len - 1), 1)
     assert logits.shape == (batch, 1, ckpt.args.vocab_size)
-    return status("VmHWM") - base - (status("RssFile") - base_file)  # less code pages touched the first time
+    return grown.peak
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +120,9 @@ def _quantizing_load(mesh, path: str, weights: str):
     (a heap that earlier loads left behind would hide part of the growth)."""
     kernels.load()
     ckpt = open_checkpoint(path)
-    trim_heap()
-    base, base_file = status("VmRSS"), status("RssFile")
-    reset_peak()
-    model = load_model(ckpt, mesh, torch.float32, weights=weights)
-    grown = status("VmRSS") - base - (status("RssFile") - base_file)
-    peak = status("VmHWM") - base - (status("RssFile") - base_file)
-    return grown, peak, sum(p.numel() * p.element_size() for p in model.parameters())
+    with Growth() as grown:
+        model = load_model(ckpt, mesh, torch.float32, weights=weights)
+    return grown.now, grown.peak, sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])

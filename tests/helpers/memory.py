@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llama3_dist.checkpoint.base import trim_heap
+
 
 def status(key: str) -> int:
     """A /proc/self/status memory field in bytes (VmRSS: now; VmHWM: peak RSS; RssAnon: heap and anonymous
@@ -15,3 +17,19 @@ def reset_peak() -> None:
     """VmHWM := VmRSS, so the next peak is measured from now."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+class Growth:
+    """This process's anonymous memory growth over a `with` block, from a trimmed heap: `now` (VmRSS) and
+    `peak` (VmHWM), less the file pages mapped meanwhile (code pages touched the first time, file slices)."""
+
+    def __enter__(self) -> Growth:
+        trim_heap()
+        self.base, self.base_file = status("VmRSS"), status("RssFile")
+        reset_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        files = status("RssFile") - self.base_file
+        self.now = status("VmRSS") - self.base - files
+        self.peak = status("VmHWM") - self.base - files
