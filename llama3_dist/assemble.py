@@ -131,8 +131,7 @@ def assemble(
         + ("" if cfg.runtime.weights == "auto" else f", weights {cfg.runtime.weights}")
         + ("" if cfg.runtime.activations == "float" else f", activations {cfg.runtime.activations}"),
     )
-    r = cfg.runtime
-    model = load_model(ckpt, mesh, r.torch_dtype, layer_ids, r.weights, r.activations)
+    model = load_model(ckpt, mesh, cfg.runtime.torch_dtype, layer_ids, cfg.runtime.weights, cfg.runtime.activations)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = peak_rss_bytes()
     log.info(

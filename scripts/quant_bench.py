@@ -245,7 +245,9 @@ def main() -> None:
     p.add_argument("--activations", default="float")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--runs", default=",".join(f"{w}:{d}" for w, d in RUNS), help="speed: weights:dtype,...")
+    p.add_argument(
+        "--runs", default=",".join(f"{w}:{d}" for w, d in RUNS), help="speed: weights:dtype[:activations],..."
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (speed, gemv)")
     args = p.parse_args()
     if args.what == "one":
