@@ -170,6 +170,7 @@ inline void dot_rows_pairs(const float* xp, int64_t ldx, const uint16_t* w, int6
     for (int u = 0; u < 2 * U; ++u) acc[r][u] = vzero();
   int64_t i = 0;
   for (; i + 2 * U * kLanes <= k; i += 2 * U * kLanes) {
+    prefetch_ahead<2 * U * kLanes * sizeof(uint16_t)>(w + i);
     for (int u = 0; u < U; ++u) {
       Vec e, o;
       const int64_t at = i + 2 * u * kLanes;

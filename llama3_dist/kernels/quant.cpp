@@ -208,6 +208,7 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, f
     int64_t i = 0;
     __m256 c[4];  // one block's codes, converted once for all MT rows of x
     for (; i + 2 <= nb; i += 2, w += 2 * kBytes[Q]) {  // two blocks per step: two independent chains
+      prefetch_ahead<2 * kBytes[Q]>(w);
       block_codes<Q>(w, c);
       const __m256 d0 = f16x8(w);
       for (int m = 0; m < MT; ++m) acc[m][0] = _mm256_fmadd_ps(block_dot(c, x + m * K + i * 32), d0, acc[m][0]);
@@ -233,6 +234,7 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, f
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     alignas(32) float buf[256];
     for (int64_t k = 0; k < K; k += 256, w += kBytes[Q]) {
+      prefetch_ahead<kBytes[Q]>(w);
       dequant_block<Q>(w, buf);
       for (int m = 0; m < MT; ++m) {
         const float* xm = x + m * K + k;
@@ -339,12 +341,16 @@ void tile_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t m0, int64_t K, fl
   };
   int64_t i = 0;
   if constexpr (Q == Q8_0) {
-    for (; i + A <= nb; i += A, w += A * kBytes[Q])
+    for (; i + A <= nb; i += A, w += A * kBytes[Q]) {
+      prefetch_ahead<A * kBytes[Q]>(w);
       for (int a = 0; a < A; ++a) block(w + a * kBytes[Q], i + a, a);
+    }
     for (int a = 0; i < nb; ++i, ++a, w += kBytes[Q]) block(w, i, a);
   } else {
-    for (; i + 2 * A <= nb; i += 2 * A, w += 2 * A * kBytes[Q])
+    for (; i + 2 * A <= nb; i += 2 * A, w += 2 * A * kBytes[Q]) {
+      prefetch_ahead<2 * A * kBytes[Q]>(w);
       for (int a = 0; a < A; ++a) pair(w + 2 * a * kBytes[Q], i + 2 * a, a);
+    }
     for (int a = 0; i + 2 <= nb; i += 2, ++a, w += 2 * kBytes[Q]) pair(w, i, a);
     if (i < nb) block(w, i, 0);  // an odd last block, in natural order
   }
