@@ -29,7 +29,7 @@
 // 64-byte line; a prefetch never faults, so running past the end of W is harmless). On a Zen 3 with
 // two threads the hardware prefetcher alone fell behind the loops that do more work per byte than
 // fp32's: bf16 rows read 15-30% faster with it, Q8_0 ~9%, Q4_1 ~3%; fp32 gained nothing and has none.
-// 1 KB was the best distance of a 512 B - 2 KB sweep.
+// 1 KB was the best distance of 512 B, 1, 2 and 4 KB.
 constexpr int64_t kPrefetchBytes = 1024;
 
 template <int64_t Bytes>  // the bytes one loop iteration reads
