@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .model import KVCache, LayerStack, Transformer, TransformerBlock
+from .parallel import comm
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class DecodeStep:
         self.compiled: LayerStack | None = None
         self.compiled_runs = 0  # decode steps that ran through the compiled code (tests check it ran)
         self.one_graph = False  # compiled as one graph without guards on the modules (see _stack)
+        if compile:
+            comm.out_of_graphs()
         if compile and cuda_graphs:  # one compiled block for every layer: guards tell the layers apart
             block = torch.compile(TransformerBlock.forward, dynamic=True, options=dict(OPTIONS))
             self.compiled = self._per_block(block)

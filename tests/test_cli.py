@@ -80,6 +80,24 @@ def test_seeded_sampling_is_reproducible_from_the_cli(tiny_gguf, capsys):
     assert runs[0] == runs[1] != runs[2]
 
 
+def test_an_eager_run_never_imports_the_compiler(tiny_gguf):
+    """torch._dynamo (~70 MiB of memory, ~1.3 s to import) serves runtime.compile=true only."""
+    r = run_cli(
+        "generate",
+        "--checkpoint",
+        str(tiny_gguf),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "3",
+        env={"PYTHONPROFILEIMPORTTIME": "1"},
+    )
+    assert r.returncode == 0, r.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert {"torch", "llama3_dist.model"} <= imported, "no import profile: the check would prove nothing"
+    assert "torch._dynamo" not in imported
+
+
 def test_tokenizer_bigger_than_the_vocab_is_refused(tiny_meta_mp2, capsys):
     # Meta dir without tokenizer.model falls back to llama-models' tokenizer; the tiny vocab is too small
     assert main(["generate", "--checkpoint", str(tiny_meta_mp2), "--prompt", "x"]) == 2

@@ -7,6 +7,7 @@ ranks and, where it is known, the silent rank.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ class Group:
 
 # The size-1 early returns stay traceable, so torch.compile sees no break in a one-rank model.
 # The shared-memory all-reduce of a decode step is an op torch.compile keeps inside its graph;
-# the other collectives are sync points that torch.compile leaves alone (compiler.disable).
+# the other collectives are sync points that torch.compile leaves alone (out_of_graphs).
 
 
 def all_reduce(x: Tensor, group: Group) -> Tensor:
@@ -90,7 +91,6 @@ def collective_error(op: str, ranks: tuple[int, ...], e: BaseException, peer: in
     return CollectiveError(f"{op} over ranks ({group}): lost {who} ({cause})")
 
 
-@torch.compiler.disable
 def _all_reduce(x: Tensor, group: Group) -> Tensor:
     with guarded("all_reduce", group.ranks):
         dist.all_reduce(x, group=group.pg)
@@ -102,7 +102,6 @@ def all_gather(x: Tensor, group: Group, sizes: list[int], dim: int = -1) -> Tens
     return x if group.size == 1 else _all_gather(x, group, sizes, dim)
 
 
-@torch.compiler.disable
 def _all_gather(x: Tensor, group: Group, sizes: list[int], dim: int) -> Tensor:
     dim = dim % x.dim()
     if group.shm is not None and group.shm.fits(
@@ -125,7 +124,6 @@ def broadcast(x: Tensor, src: int, group: Group) -> Tensor:
     return x if group.size == 1 else _broadcast(x, src, group)
 
 
-@torch.compiler.disable
 def _broadcast(x: Tensor, src: int, group: Group) -> Tensor:
     if group.shm is not None and group.shm.fits(x):
         return group.shm.broadcast(x, group.ranks.index(src))
@@ -173,3 +171,12 @@ def barrier(group: Group) -> None:
     if group.size > 1:
         with guarded("barrier", group.ranks):
             dist.barrier(group=group.pg)
+
+
+@functools.cache
+def out_of_graphs() -> None:
+    """Make torch.compile run the gloo / shared-memory collectives above between its graphs, not
+    trace them. fast_decode calls this before it compiles; eager runs never do, because
+    torch.compiler.disable imports torch._dynamo (~70 MiB of memory and ~1.3 s at start-up)."""
+    global _all_reduce, _all_gather, _broadcast
+    _all_reduce, _all_gather, _broadcast = map(torch.compiler.disable, (_all_reduce, _all_gather, _broadcast))
