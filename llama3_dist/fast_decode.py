@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.fx.experimental._config as shapes_config
 from torch import Tensor
 
 from .model import KVCache, LayerStack, Transformer, TransformerBlock
@@ -48,6 +49,10 @@ class DecodeStep:
         self.one_graph = False  # compiled as one graph without guards on the modules (see _stack)
         if compile:
             comm.out_of_graphs()
+            # Sizes equal by chance when a graph is compiled (a 3-token key length and 3 KV heads,
+            # 8 sequences and 8 KV heads) would be tied by torch's "duck sizing", and the graph
+            # compiled again when they part, minutes on a small CPU: every size is a symbol of its own.
+            shapes_config.use_duck_shape = False
         if compile and cuda_graphs:  # one compiled block for every layer: guards tell the layers apart
             block = torch.compile(TransformerBlock.forward, dynamic=True, options=dict(OPTIONS))
             self.compiled = self._per_block(block)
@@ -81,7 +86,9 @@ class DecodeStep:
         return run
 
     def _layers(self, x: Tensor, pos: Tensor, freqs_cis: Tensor, mask: Tensor, cache: KVCache) -> Tensor:
-        if self.compiled is None:
+        # A one-token prompt's prefill is a step with T = 1 too, but keys of length 1 would be a
+        # graph of their own (torch specializes sizes 0 and 1): it runs eagerly, as prefills do.
+        if self.compiled is None or mask.shape[-1] == 1:
             return self.model.run_layers(x, pos, freqs_cis, mask, cache)
         try:
             out = self.compiled(x, pos, freqs_cis, mask, cache)

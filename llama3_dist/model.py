@@ -105,27 +105,29 @@ class RMSNorm(nn.Module):
 
 @dataclass(frozen=True)
 class KVCache:
-    """Keys and values of this stage's layers and this rank's KV heads: (n_layers, B, n_local_kv_heads,
-    max_seq_len, head_dim). rows(a, b) (sequences a..b-1) and layer(i) are views into the one cache."""
+    """Keys and values of this stage's layers and this rank's KV heads: (B, n_layers, n_local_kv_heads,
+    max_seq_len, head_dim). rows(a, b) (sequences a..b-1) and layer(i) are views into the one cache.
+    Sequences lead, so the rows of any batch are one contiguous block, laid out as a cache allocated
+    for that batch alone: a compiled decode step then has one graph for every batch of two or more."""
 
     k: Tensor
     v: Tensor
 
     @classmethod
     def allocate(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> KVCache:
-        """Zeros of shape (n_layers, B, n_local_kv_heads, max_seq_len, head_dim) for k and v."""
+        """Zeros of shape (B, n_layers, n_local_kv_heads, max_seq_len, head_dim) for k and v."""
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[0]
 
     @property
     def seq_len(self) -> int:
         return self.k.shape[3]
 
     def rows(self, start: int, stop: int) -> KVCache:
-        return KVCache(self.k[:, start:stop], self.v[:, start:stop])
+        return KVCache(self.k[start:stop], self.v[start:stop])
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self.k, self.v, i)
@@ -134,7 +136,7 @@ class KVCache:
 @dataclass(frozen=True)
 class LayerCache:
     """Layer `i` of a cache: its keys and values k, v (B, n_local_kv_heads, max_seq_len, head_dim)
-    are views of the whole (n_layers, ...) tensors, and are written through them: a compiled
+    are views of the whole (B, n_layers, ...) tensors, and are written through them: a compiled
     decode step then updates the cache in place, where writing into a layer's view made it
     rebuild the whole cache once per layer."""
 
@@ -144,18 +146,18 @@ class LayerCache:
 
     @property
     def k(self) -> Tensor:
-        return self.all_k[self.i]
+        return self.all_k[:, self.i]
 
     @property
     def v(self) -> Tensor:
-        return self.all_v[self.i]
+        return self.all_v[:, self.i]
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H, T, hd) at positions pos (B, T); return the first `length` positions (B, H, length, hd)."""
         b = torch.arange(k.shape[0], device=pos.device).unsqueeze(1)  # (B, 1)
         i = torch.full((1, 1), self.i, device=pos.device)
-        self.all_k[i, b, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
-        self.all_v[i, b, :, pos] = v.transpose(1, 2)
+        self.all_k[b, i, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
+        self.all_v[b, i, :, pos] = v.transpose(1, 2)
         return self.k[:, :, :length], self.v[:, :, :length]
 
 
@@ -249,7 +251,7 @@ class Transformer(nn.Module):
         c = self.cache
         if c is None or c.batch < batch or c.seq_len < seq_len or c.k.dtype != self.dtype:
             attn = next(iter(self.layers.values())).attention
-            shape = (len(self.layers), batch, attn.n_local_kv_heads, seq_len, attn.head_dim)
+            shape = (batch, len(self.layers), attn.n_local_kv_heads, seq_len, attn.head_dim)
             self.cache = KVCache.allocate(shape, self.dtype, self.device)
         if self.freqs_cis is None or self.freqs_cis.shape[0] < seq_len:
             self.freqs_cis = precompute_freqs_cis(self.args, seq_len).to(self.device)

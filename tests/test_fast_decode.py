@@ -102,3 +102,29 @@ def test_compiled_decode_at_tp2_gives_tp1_tokens(tiny_meta):
     _, want = logits_and_tokens(Mesh.single(), path)
     for shm in (True, False):  # the all-reduce inside the compiled graph (one graph), or gloo between graphs
         assert run_ranks(compiled_tokens, 2, path, shm=shm) == [(want, shm), (want, shm)], shm
+
+
+def test_a_warmed_up_server_never_compiles_again(tiny):
+    """serve warms its compiled decode step up at the full batch and at one row; every batch in
+    between decodes the first rows of the same cache and must find a graph ready, for a compile
+    in the middle of serving stalls every client for minutes on a small CPU. The 9/3-head model
+    has 3 KV heads, as many as the keys of the warm-up's first decode step (duck sizing would tie
+    the two and compile again at the next step)."""
+    from torch._dynamo.utils import counters
+
+    from llama3_dist.generate import warm_up
+
+    model = our_model(tiny.path("9-3-heads"))
+    fast_decode.enable(model, compile=True, cuda_graphs=False)
+    max_batch, seq_len = 4, 48
+    warm_up(model, Mesh.single(), max_batch, seq_len)
+    warm_up(model, Mesh.single(), 1, seq_len)
+    graphs = counters["stats"]["unique_graphs"]
+    batches = [[[3, 4, 5, 6], [7], [8, 9]], [[5, 6], [7, 8, 9, 10, 11]], [[1, 2, 3]] * 4, [[9]]]
+    eager = our_model(tiny.path("9-3-heads"))
+    for batch in batches:
+        model.setup_caches(max_batch, seq_len)  # as the server's cache: the batch is its first rows
+        got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+        assert got == [c.tokens for c in generate(eager, Mesh.single(), batch, GREEDY, frozenset())]
+    assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
+    assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a graph the warm-up had not"
