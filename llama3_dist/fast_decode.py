@@ -51,7 +51,8 @@ class DecodeStep:
             comm.out_of_graphs()
             # Sizes equal by chance when a graph is compiled (a 3-token key length and 3 KV heads,
             # 8 sequences and 8 KV heads) would be tied by torch's "duck sizing", and the graph
-            # compiled again when they part, minutes on a small CPU: every size is a symbol of its own.
+            # compiled again when they part, minutes on a small CPU: every size is a symbol of its own
+            # (for the whole process: torch has no per-compile switch; it only makes graphs more general).
             shapes_config.use_duck_shape = False
         if compile and cuda_graphs:  # one compiled block for every layer: guards tell the layers apart
             block = torch.compile(TransformerBlock.forward, dynamic=True, options=dict(OPTIONS))
