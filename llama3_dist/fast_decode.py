@@ -37,6 +37,23 @@ log = logging.getLogger(__name__)
 OPTIONS = {"emulate_precision_casts": True}  # inductor options of every compile (see above)
 
 
+def _configure_dynamo() -> None:
+    """Two settings of torch.compile for a model that never changes once loaded. They hold for the
+    whole process (torch has no per-compile switch for them) and only make graphs more general or
+    read constants as constants.
+
+    - Sizes equal by chance when a graph is compiled (a 3-token key length and 3 KV heads, 8
+      sequences and 8 KV heads) would be tied by "duck sizing", and the graph compiled again when
+      they part, minutes on a small CPU: every size is a symbol of its own.
+    - Floats the layers read (RMSNorm's eps) are constants of the graph, not inputs that dynamo
+      turns into tensors before every step (60 of them for SmolLM2's 30 layers, ~4 µs each).
+    """
+    import torch._dynamo  # here, not at the top: eager runs never import it (comm.out_of_graphs)
+
+    shapes_config.use_duck_shape = False
+    torch._dynamo.config.specialize_float = True
+
+
 class DecodeStep:
     """The layers of a decode step, compiled and/or replayed from CUDA graphs; model.decode_step."""
 
@@ -49,11 +66,7 @@ class DecodeStep:
         self.one_graph = False  # compiled as one graph without guards on the modules (see _stack)
         if compile:
             comm.out_of_graphs()
-            # Sizes equal by chance when a graph is compiled (a 3-token key length and 3 KV heads,
-            # 8 sequences and 8 KV heads) would be tied by torch's "duck sizing", and the graph
-            # compiled again when they part, minutes on a small CPU: every size is a symbol of its own
-            # (for the whole process: torch has no per-compile switch; it only makes graphs more general).
-            shapes_config.use_duck_shape = False
+            _configure_dynamo()
         if compile and cuda_graphs:  # one compiled block for every layer: guards tell the layers apart
             block = torch.compile(TransformerBlock.forward, dynamic=True, options=dict(OPTIONS))
             self.compiled = self._per_block(block)
