@@ -109,7 +109,8 @@ def test_a_warmed_up_server_never_compiles_again(tiny):
     between decodes the first rows of the same cache and must find a graph ready, for a compile
     in the middle of serving stalls every client for minutes on a small CPU. The 9/3-head model
     has 3 KV heads, as many as the keys of the warm-up's first decode step (duck sizing would tie
-    the two and compile again at the next step)."""
+    the two and compile again at the next step). The last batch's one-token prompt makes its
+    prefill a T = 1 step with keys of length 1, which must run eagerly, not compile a graph."""
     from torch._dynamo.utils import counters
 
     from llama3_dist.generate import warm_up
