@@ -124,8 +124,8 @@ def test_a_warmed_up_server_never_compiles_again(tiny):
     batches = [[[3, 4, 5, 6], [7], [8, 9]], [[5, 6], [7, 8, 9, 10, 11]], [[1, 2, 3]] * 4, [[9]]]
     eager = our_model(tiny.path("9-3-heads"))
     for batch in batches:
-        model.setup_caches(max_batch, seq_len)  # as the server's cache: the batch is its first rows
         got = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
+        assert model.cache.batch == max_batch  # generate kept the server-sized cache: the batch was its first rows
         assert got == [c.tokens for c in generate(eager, Mesh.single(), batch, GREEDY, frozenset())]
     assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
     assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a graph the warm-up had not"
