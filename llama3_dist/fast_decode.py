@@ -29,29 +29,37 @@ import torch
 import torch.fx.experimental._config as shapes_config
 from torch import Tensor
 
+from . import kernels
 from .model import KVCache, LayerStack, Transformer, TransformerBlock
 from .parallel import comm
 
 log = logging.getLogger(__name__)
 
 OPTIONS = {"emulate_precision_casts": True}  # inductor options of every compile (see above)
+KERNELS_TAG = "llama3_dist-kernels-"  # the compile caches' key tag: this prefix and kernels.source_digest()
 
 
 def _configure_dynamo() -> None:
-    """Two settings of torch.compile for a model that never changes once loaded. They hold for the
-    whole process (torch has no per-compile switch for them) and only make graphs more general or
-    read constants as constants.
+    """Settings of torch.compile for a model that never changes once loaded. They hold for the
+    whole process (torch has no per-compile switch for them) and only make graphs more general,
+    read constants as constants, or key the caches more finely.
 
     - Sizes equal by chance when a graph is compiled (a 3-token key length and 3 KV heads, 8
       sequences and 8 KV heads) would be tied by "duck sizing", and the graph compiled again when
       they part, minutes on a small CPU: every size is a symbol of its own.
     - Floats the layers read (RMSNorm's eps) are constants of the graph, not inputs that dynamo
       turns into tensors before every step (60 of them for SmolLM2's 30 layers, ~4 µs each).
+    - Compiled graphs are cached on disk (TORCHINDUCTOR_CACHE_DIR) under a key of the graph, which
+      names our kernel ops but not their code: the key also carries the kernels' source digest. A
+      graph cached by an earlier version called the ops with the arguments of that version (one
+      such graph, from before runtime.activations, ran every Q4_1 matmul with int8 activations).
     """
     import torch._dynamo  # here, not at the top: eager runs never import it (comm.out_of_graphs)
 
     shapes_config.use_duck_shape = False
     torch._dynamo.config.specialize_float = True
+    tags = [t for t in torch.compiler.config.cache_key_tag.split("+") if t and not t.startswith(KERNELS_TAG)]
+    torch.compiler.config.cache_key_tag = "+".join([*tags, KERNELS_TAG + kernels.source_digest()])
 
 
 class DecodeStep:

@@ -8,9 +8,10 @@ import torch
 from helpers.distributed import run_ranks
 from helpers.parity import BATCH, GREEDY, logits_and_tokens, our_model
 
-from llama3_dist import fast_decode
+from llama3_dist import fast_decode, kernels
 from llama3_dist.checkpoint import load_model, open_checkpoint
 from llama3_dist.generate import generate
+from llama3_dist.kernels import quant
 from llama3_dist.parallel.mesh import Mesh
 
 
@@ -95,6 +96,43 @@ def compiled_tokens(mesh: Mesh, path: str):
     tokens = [c.tokens for c in generate(model, mesh, BATCH, GREEDY, frozenset())]
     assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
     return tokens, model.decode_step.one_graph
+
+
+def test_compiled_graphs_are_cached_under_the_kernels_sources(tmp_path, monkeypatch):
+    """torch keys its on-disk cache of compiled graphs on the graph, which names our kernel ops but
+    not their code: a graph cached before qlinear gained its int8-activation flag once ran every Q4_1
+    matmul of a later version with int8 activations. The key must change with the kernels' sources,
+    and keep a tag the user set."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    w, x = quant.quantize(torch.randn(64, 96), "Q8_0"), torch.randn(1, 96)
+    quant.linear(x, w, "Q8_0")  # the kernels built and loaded eagerly, as a model's prefill does
+    counters = torch._dynamo.utils.counters
+
+    def compile_and_run() -> tuple[int, int]:
+        """(graphs read from the cache, graphs compiled) by one fresh compile."""
+        torch._dynamo.reset()
+        counters.clear()
+        fast_decode._configure_dynamo()
+        torch.compile(lambda x: quant.linear(x, w, "Q8_0").relu(), dynamic=False)(x)
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    with torch.compiler.config.patch(cache_key_tag="users-own"):
+        assert compile_and_run() == (0, 1)
+        assert compile_and_run() == (1, 0), "the same sources should reuse the cached graph"
+        tag = torch.compiler.config.cache_key_tag
+        assert tag == f"users-own+{fast_decode.KERNELS_TAG}{kernels.source_digest()}"
+
+        edited = []  # the same sources with a comment added, as a new version of the ops would be
+        for path in kernels.SOURCES:
+            edited.append(tmp_path / path.name)
+            edited[-1].write_text(path.read_text() + "// another version\n")
+        (tmp_path / "isa.h").write_text(kernels.SOURCES[0].with_name("isa.h").read_text())
+        monkeypatch.setattr(kernels, "SOURCES", edited)
+        monkeypatch.setattr(kernels, "__file__", str(tmp_path / "__init__.py"))
+        assert compile_and_run() == (0, 1), "a graph cached against other kernel sources was reused"
+        assert torch.compiler.config.cache_key_tag.startswith("users-own+")
+        assert torch.compiler.config.cache_key_tag != tag
+    torch._dynamo.reset()
 
 
 def test_compiled_decode_at_tp2_gives_tp1_tokens(tiny_meta):

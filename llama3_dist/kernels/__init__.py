@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -112,6 +113,18 @@ def requested() -> str:
             f"LLAMA3_DIST_KERNELS={want}: this CPU lacks {missing}; use auto or one of {', '.join([*can, 'torch'])}"
         )
     return want
+
+
+def source_digest() -> str:
+    """A digest of the kernels' C++ sources and build flags. Compiled graphs call the ops by name, and
+    torch keys its compile caches on the graph, not on the code behind an op: the compile settings
+    (fast_decode) add this digest to the key, so a graph cached against an older build of the ops
+    (another signature, say) is never run against this one."""
+    h = hashlib.sha256()
+    for path in sorted([*SOURCES, Path(__file__).with_name("isa.h")]):
+        h.update(path.read_bytes())
+    h.update(repr(sorted(CFLAGS.items())).encode())
+    return h.hexdigest()[:16]
 
 
 def build_dir(variant: str) -> Path:
