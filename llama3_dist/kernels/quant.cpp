@@ -99,7 +99,7 @@ void dequant_block(const uint8_t* b, float* y) {
 
 // Portable row kernel: y[m * ldy] = sum over blocks of dot(dequant(block), x[m]) for M rows of x.
 template <int Q>
-void row_portable(const uint8_t* w, const float* x, const float* /*xsum*/, int64_t M, int64_t K, float* y, int64_t ldy) {
+void row_portable(const uint8_t* w, const float* x, const float* /*xmin*/, int64_t M, int64_t K, float* y, int64_t ldy) {
   constexpr int64_t B = kBlock[Q];
   float buf[B], acc[kMaxRows] = {};
   for (int64_t k = 0; k < K; k += B, w += kBytes[Q]) {
@@ -190,45 +190,59 @@ inline __m256 block_dot(const __m256* c, const float* x) {
   return _mm256_add_ps(p0, p1);
 }
 
-// The minimum of a Q4_1 / Q4_0 block (Q4_0: -8 times its scale).
+// A block's scales as floats in one register: [d, m, 0, 0] for Q4_1 (its two f16 side by side),
+// [d, 0, 0, 0] for Q8_0 and Q4_0 (Q4_0's minimum, -8 d, is folded into x's side: xmin below).
 template <int Q>
-inline float block_min(const uint8_t* b) {
-  return Q == Q4_1 ? f16_hw(b + 2) : -8.0f * f16_hw(b);
+inline __m128 block_scales(const uint8_t* b) {
+  int32_t h = 0;
+  std::memcpy(&h, b, Q == Q4_1 ? 4 : 2);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(h));
 }
 
 // MT rows of x against one row of W, accumulators in registers. For the 32-element formats
-// dot(d * q + m, x) = d * dot(q, x) + m * sum(x): xsum holds each block's sum(x) per row (Q4_x).
+// dot(d * q + m, x) = d * dot(q, x) + m * sum(x). xmin holds, per row of x and block, the pair that
+// [d, m] multiplies into the minimum's term: [0, sum(x)] for Q4_1, [-8 sum(x), 0] for Q4_0; that
+// product accumulates as a vector beside the codes' (no scalar work per block).
 template <int Q, int MT>
-void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, float* out, int64_t ldy) {
+void tile_avx2(const uint8_t* w, const float* x, const float* xmin, int64_t K, float* out, int64_t ldy) {
   if constexpr (kBlock[Q] == 32) {
     const int64_t nb = K / 32;
     __m256 acc[MT][2];
-    float macc[MT];
-    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps(), macc[m] = 0.0f;
+    __m128 macc[MT];
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps(), macc[m] = _mm_setzero_ps();
+    auto mins = [&](int m, int64_t i) {  // x's pair for block i of row m, in the low two lanes
+      return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xmin + (m * nb + i) * 2)));
+    };
     int64_t i = 0;
     __m256 c[4];  // one block's codes, converted once for all MT rows of x
     for (; i + 2 <= nb; i += 2, w += 2 * kBytes[Q]) {  // two blocks per step: two independent chains
       prefetch_ahead<2 * kBytes[Q]>(w);
       block_codes<Q>(w, c);
-      const __m256 d0 = f16x8(w);
+      const __m128 s0 = block_scales<Q>(w);
+      const __m256 d0 = _mm256_broadcastss_ps(s0);
       for (int m = 0; m < MT; ++m) acc[m][0] = _mm256_fmadd_ps(block_dot(c, x + m * K + i * 32), d0, acc[m][0]);
       block_codes<Q>(w + kBytes[Q], c);
-      const __m256 d1 = f16x8(w + kBytes[Q]);
+      const __m128 s1 = block_scales<Q>(w + kBytes[Q]);
+      const __m256 d1 = _mm256_broadcastss_ps(s1);
       for (int m = 0; m < MT; ++m) {
         acc[m][1] = _mm256_fmadd_ps(block_dot(c, x + m * K + i * 32 + 32), d1, acc[m][1]);
         if constexpr (Q != Q8_0)
-          macc[m] += block_min<Q>(w) * xsum[m * nb + i] + block_min<Q>(w + kBytes[Q]) * xsum[m * nb + i + 1];
+          macc[m] = _mm_fmadd_ps(s1, mins(m, i + 1), _mm_fmadd_ps(s0, mins(m, i), macc[m]));
       }
     }
     for (; i < nb; ++i, w += kBytes[Q]) {
       block_codes<Q>(w, c);
-      const __m256 d0 = f16x8(w);
+      const __m128 s0 = block_scales<Q>(w);
+      const __m256 d0 = _mm256_broadcastss_ps(s0);
       for (int m = 0; m < MT; ++m) {
         acc[m][0] = _mm256_fmadd_ps(block_dot(c, x + m * K + i * 32), d0, acc[m][0]);
-        if constexpr (Q != Q8_0) macc[m] += block_min<Q>(w) * xsum[m * nb + i];
+        if constexpr (Q != Q8_0) macc[m] = _mm_fmadd_ps(s0, mins(m, i), macc[m]);
       }
     }
-    for (int m = 0; m < MT; ++m) out[m * ldy] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + macc[m];
+    for (int m = 0; m < MT; ++m) {
+      const __m128 mt = _mm_add_ss(macc[m], _mm_movehdup_ps(macc[m]));  // lane 0 + lane 1
+      out[m * ldy] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + _mm_cvtss_f32(mt);
+    }
   } else {  // super-blocks: expand into L1, then FMAs
     __m256 acc[MT][2];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
@@ -250,14 +264,14 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t K, f
 
 // Rows of x in tiles of up to 4 (the row of W stays in L1 between tiles).
 template <int Q>
-void row_avx2(const uint8_t* w, const float* x, const float* xsum, int64_t M, int64_t K, float* y, int64_t ldy) {
+void row_avx2(const uint8_t* w, const float* x, const float* xmin, int64_t M, int64_t K, float* y, int64_t ldy) {
   const int64_t nb = K / kBlock[Q];
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_avx2<Q, 4>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy);
+  for (; m + 4 <= M; m += 4) tile_avx2<Q, 4>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy);
   switch (M - m) {
-    case 3: tile_avx2<Q, 3>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy); break;
-    case 2: tile_avx2<Q, 2>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy); break;
-    case 1: tile_avx2<Q, 1>(w, x + m * K, xsum + m * nb, K, y + m * ldy, ldy); break;
+    case 3: tile_avx2<Q, 3>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
+    case 2: tile_avx2<Q, 2>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
+    case 1: tile_avx2<Q, 1>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
   }
 }
 
@@ -486,10 +500,10 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, b
   float* Y = y.data_ptr<float>();
   const RowFn row = int8_x ? nullptr : pick(qtype);
   const Int8RowFn row8 = int8_x ? pick_int8x(qtype) : nullptr;
-  // Per row of x, the sum of each 32-element block (the minimums' term of Q4_0 / Q4_1), once per call;
-  // with int8 activations also its Q8_0-style codes and scale.
+  // Per row of x and 32-element block, the pair that a Q4_1 / Q4_0 block's scales multiply into its
+  // minimum's term (tile_avx2), once per call; with int8 activations x's Q8_0-style codes and scales.
   const bool sums = qtype == Q4_0 || qtype == Q4_1;
-  std::vector<float> xsum(sums && !int8_x ? M * nb : 0), xds(int8_x ? M * nb * 2 : 0);
+  std::vector<float> xmin(sums && !int8_x ? M * nb * 2 : 0), xds(int8_x ? M * nb * 2 : 0);
   std::vector<int8_t> xq(int8_x ? M * K : 0);
   if (int8_x) {
     quantize_x(X, M * nb, xq.data(), xds.data());
@@ -497,10 +511,11 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, b
     if (sums) pair_order(xq.data(), M, K);
 #endif
   }
-  for (size_t b = 0; b < xsum.size(); ++b) {
+  for (size_t b = 0; b < xmin.size() / 2; ++b) {
     float s = 0.0f;
     for (int j = 0; j < 32; ++j) s += X[b * 32 + j];
-    xsum[b] = s;
+    xmin[2 * b] = qtype == Q4_1 ? 0.0f : -8.0f * s;  // [d, m] . [0, s] or [d, 0] . [-8 s, 0]
+    xmin[2 * b + 1] = qtype == Q4_1 ? s : 0.0f;
   }
   if (int8_x) {
     const Int8X xi{xq.data(), xds.data()};
@@ -509,7 +524,7 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, b
     });
   } else {
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, xsum.data(), M, K, Y + n, N);
+      for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, xmin.data(), M, K, Y + n, N);
     });
   }
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
