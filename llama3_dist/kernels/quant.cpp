@@ -262,6 +262,38 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xmin, int64_t K, f
   }
 }
 
+// One row of x (a batch-1 decode step) against two rows of W: a 576-wide row is only 18 blocks, so
+// the loop's set-up and the final sums are a large share of a row; two rows share them and x's loads.
+template <int Q>
+void pair_avx2(const uint8_t* w0, int64_t row_bytes, const float* x, const float* xmin, int64_t K, float* y) {
+  const uint8_t* w1 = w0 + row_bytes;
+  const int64_t nb = K / 32;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), c[4];
+  __m128 macc0 = _mm_setzero_ps(), macc1 = _mm_setzero_ps();
+  for (int64_t i = 0; i < nb; ++i, w0 += kBytes[Q], w1 += kBytes[Q], x += 32) {
+    prefetch_ahead<kBytes[Q]>(w0);
+    prefetch_ahead<kBytes[Q]>(w1);
+    const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+    const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+    auto dot = [&](const __m256* c) {
+      return _mm256_add_ps(_mm256_fmadd_ps(c[2], x2, _mm256_mul_ps(c[0], x0)), _mm256_fmadd_ps(c[3], x3, _mm256_mul_ps(c[1], x1)));
+    };
+    block_codes<Q>(w0, c);
+    const __m128 s0 = block_scales<Q>(w0);
+    acc0 = _mm256_fmadd_ps(dot(c), _mm256_broadcastss_ps(s0), acc0);
+    block_codes<Q>(w1, c);
+    const __m128 s1 = block_scales<Q>(w1);
+    acc1 = _mm256_fmadd_ps(dot(c), _mm256_broadcastss_ps(s1), acc1);
+    if constexpr (Q != Q8_0) {
+      const __m128 xm = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xmin + i * 2)));
+      macc0 = _mm_fmadd_ps(s0, xm, macc0);
+      macc1 = _mm_fmadd_ps(s1, xm, macc1);
+    }
+  }
+  y[0] = hsum(acc0) + _mm_cvtss_f32(_mm_add_ss(macc0, _mm_movehdup_ps(macc0)));
+  y[1] = hsum(acc1) + _mm_cvtss_f32(_mm_add_ss(macc1, _mm_movehdup_ps(macc1)));
+}
+
 // Rows of x in tiles of up to 4 (the row of W stays in L1 between tiles).
 template <int Q>
 void row_avx2(const uint8_t* w, const float* x, const float* xmin, int64_t M, int64_t K, float* y, int64_t ldy) {
@@ -405,6 +437,19 @@ void row_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t M, int64_t K, floa
 
 // One row n of W against M rows of x: y[m * ldy] for m < M (y points at column n of the (M, N) output).
 using RowFn = void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*, int64_t);
+// Two rows of W (the second row_bytes after the first) against one row of x: y[0], y[1].
+using PairFn = void (*)(const uint8_t*, int64_t, const float*, const float*, int64_t, float*);
+
+// The two-row kernel for batch-1 steps where there is one (Q4_0 / Q4_1 on x86), else null.
+PairFn pick_pair(int64_t qtype) {
+#ifdef L3D_X86_SIMD
+  switch (qtype) {  // not Q8_0: closer to its memory bound, two rows' streams were no faster
+    case Q4_0: return &pair_avx2<Q4_0>;
+    case Q4_1: return &pair_avx2<Q4_1>;
+  }
+#endif
+  return nullptr;
+}
 
 template <int Q>
 constexpr RowFn row_fn() {
@@ -523,8 +568,12 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, b
       for (int64_t n = n0; n < n1; ++n) row8(W + n * row_bytes, xi, M, K, Y + n, N);
     });
   } else {
+    const PairFn pair = M == 1 ? pick_pair(qtype) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) row(W + n * row_bytes, X, xmin.data(), M, K, Y + n, N);
+      int64_t n = n0;
+      if (pair != nullptr)
+        for (; n + 2 <= n1; n += 2) pair(W + n * row_bytes, row_bytes, X, xmin.data(), K, Y + n);
+      for (; n < n1; ++n) row(W + n * row_bytes, X, xmin.data(), M, K, Y + n, N);
     });
   }
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
