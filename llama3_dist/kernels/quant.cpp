@@ -156,7 +156,6 @@ inline float hsum(__m256 v) {
 }
 
 inline float f16_hw(const uint8_t* p) { return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p)); }  // F16C
-inline __m256 f16x8(const uint8_t* p) { return _mm256_set1_ps(f16_hw(p)); }
 inline __m256 i8x8(const uint8_t* p) {  // 8 int8 -> 8 floats (one vpmovsxbd from memory)
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
