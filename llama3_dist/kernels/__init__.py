@@ -121,7 +121,7 @@ def source_digest() -> str:
     (fast_decode) add this digest to the key, so a graph cached against an older build of the ops
     (another signature, say) is never run against this one."""
     h = hashlib.sha256()
-    for path in sorted([*SOURCES, Path(__file__).with_name("isa.h")]):
+    for path in sorted([*SOURCES, SOURCES[0].with_name("isa.h")]):
         h.update(path.read_bytes())
     h.update(repr(sorted(CFLAGS.items())).encode())
     return h.hexdigest()[:16]

@@ -181,12 +181,23 @@ inline void block_codes(const uint8_t* b, __m256* c) {
   }
 }
 
+// One block of x (32 floats) in four registers.
+inline void block_x(const float* x, __m256* xv) {
+  for (int j = 0; j < 4; ++j) xv[j] = _mm256_loadu_ps(x + 8 * j);
+}
+
 // dot(codes, x) over one block, summed in a short tree so that the only chain carried from block
 // to block is the one FMA that applies the scale.
-inline __m256 block_dot(const __m256* c, const float* x) {
-  const __m256 p0 = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(x + 16), _mm256_mul_ps(c[0], _mm256_loadu_ps(x)));
-  const __m256 p1 = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(c[1], _mm256_loadu_ps(x + 8)));
+inline __m256 block_dot(const __m256* c, const __m256* xv) {
+  const __m256 p0 = _mm256_fmadd_ps(c[2], xv[2], _mm256_mul_ps(c[0], xv[0]));
+  const __m256 p1 = _mm256_fmadd_ps(c[3], xv[3], _mm256_mul_ps(c[1], xv[1]));
   return _mm256_add_ps(p0, p1);
+}
+
+inline __m256 block_dot(const __m256* c, const float* x) {
+  __m256 xv[4];
+  block_x(x, xv);
+  return block_dot(c, xv);
 }
 
 // A block's scales as floats in one register: [d, m, 0, 0] for Q4_1 (its two f16 side by side),
@@ -197,6 +208,11 @@ inline __m128 block_scales(const uint8_t* b) {
   std::memcpy(&h, b, Q == Q4_1 ? 4 : 2);
   return _mm_cvtph_ps(_mm_cvtsi32_si128(h));
 }
+
+// x's pair for one block (xmin below) in the low two lanes, and the minimum's term it accumulated:
+// lane 0 + lane 1 of [d, m] . pair.
+inline __m128 xmin_pair(const float* p) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
+inline float min_term(__m128 macc) { return _mm_cvtss_f32(_mm_add_ss(macc, _mm_movehdup_ps(macc))); }
 
 // MT rows of x against one row of W, accumulators in registers. For the 32-element formats
 // dot(d * q + m, x) = d * dot(q, x) + m * sum(x). xmin holds, per row of x and block, the pair that
@@ -209,9 +225,7 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xmin, int64_t K, f
     __m256 acc[MT][2];
     __m128 macc[MT];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps(), macc[m] = _mm_setzero_ps();
-    auto mins = [&](int m, int64_t i) {  // x's pair for block i of row m, in the low two lanes
-      return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xmin + (m * nb + i) * 2)));
-    };
+    auto mins = [&](int m, int64_t i) { return xmin_pair(xmin + (m * nb + i) * 2); };  // block i of row m
     int64_t i = 0;
     __m256 c[4];  // one block's codes, converted once for all MT rows of x
     for (; i + 2 <= nb; i += 2, w += 2 * kBytes[Q]) {  // two blocks per step: two independent chains
@@ -238,10 +252,7 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xmin, int64_t K, f
         if constexpr (Q != Q8_0) macc[m] = _mm_fmadd_ps(s0, mins(m, i), macc[m]);
       }
     }
-    for (int m = 0; m < MT; ++m) {
-      const __m128 mt = _mm_add_ss(macc[m], _mm_movehdup_ps(macc[m]));  // lane 0 + lane 1
-      out[m * ldy] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + _mm_cvtss_f32(mt);
-    }
+    for (int m = 0; m < MT; ++m) out[m * ldy] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + min_term(macc[m]);
   } else {  // super-blocks: expand into L1, then FMAs
     __m256 acc[MT][2];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
@@ -267,30 +278,26 @@ template <int Q>
 void pair_avx2(const uint8_t* w0, int64_t row_bytes, const float* x, const float* xmin, int64_t K, float* y) {
   const uint8_t* w1 = w0 + row_bytes;
   const int64_t nb = K / 32;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), c[4];
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), c[4], xv[4];
   __m128 macc0 = _mm_setzero_ps(), macc1 = _mm_setzero_ps();
   for (int64_t i = 0; i < nb; ++i, w0 += kBytes[Q], w1 += kBytes[Q], x += 32) {
     prefetch_ahead<kBytes[Q]>(w0);
     prefetch_ahead<kBytes[Q]>(w1);
-    const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
-    const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
-    auto dot = [&](const __m256* c) {
-      return _mm256_add_ps(_mm256_fmadd_ps(c[2], x2, _mm256_mul_ps(c[0], x0)), _mm256_fmadd_ps(c[3], x3, _mm256_mul_ps(c[1], x1)));
-    };
+    block_x(x, xv);  // loaded once for both rows
     block_codes<Q>(w0, c);
     const __m128 s0 = block_scales<Q>(w0);
-    acc0 = _mm256_fmadd_ps(dot(c), _mm256_broadcastss_ps(s0), acc0);
+    acc0 = _mm256_fmadd_ps(block_dot(c, xv), _mm256_broadcastss_ps(s0), acc0);
     block_codes<Q>(w1, c);
     const __m128 s1 = block_scales<Q>(w1);
-    acc1 = _mm256_fmadd_ps(dot(c), _mm256_broadcastss_ps(s1), acc1);
+    acc1 = _mm256_fmadd_ps(block_dot(c, xv), _mm256_broadcastss_ps(s1), acc1);
     if constexpr (Q != Q8_0) {
-      const __m128 xm = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xmin + i * 2)));
+      const __m128 xm = xmin_pair(xmin + i * 2);
       macc0 = _mm_fmadd_ps(s0, xm, macc0);
       macc1 = _mm_fmadd_ps(s1, xm, macc1);
     }
   }
-  y[0] = hsum(acc0) + _mm_cvtss_f32(_mm_add_ss(macc0, _mm_movehdup_ps(macc0)));
-  y[1] = hsum(acc1) + _mm_cvtss_f32(_mm_add_ss(macc1, _mm_movehdup_ps(macc1)));
+  y[0] = hsum(acc0) + min_term(macc0);
+  y[1] = hsum(acc1) + min_term(macc1);
 }
 
 // Rows of x in tiles of up to 4 (the row of W stays in L1 between tiles).
