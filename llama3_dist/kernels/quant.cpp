@@ -148,7 +148,7 @@ void row_int8x_portable(const uint8_t* w, const Int8X& x, int64_t M, int64_t K, 
 }
 
 #ifdef L3D_X86_SIMD
-inline float hsum(__m256 v) {
+L3D_ALWAYS_INLINE float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -156,14 +156,14 @@ inline float hsum(__m256 v) {
 }
 
 inline float f16_hw(const uint8_t* p) { return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p)); }  // F16C
-inline __m256 i8x8(const uint8_t* p) {  // 8 int8 -> 8 floats (one vpmovsxbd from memory)
+L3D_ALWAYS_INLINE __m256 i8x8(const uint8_t* p) {  // 8 int8 -> 8 floats (one vpmovsxbd from memory)
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 // The integer codes of one 32-element block as floats (scale not applied): c[j] holds elements
 // 8j..8j+7, widened straight from memory.
 template <int Q>
-inline void block_codes(const uint8_t* b, __m256* c) {
+L3D_ALWAYS_INLINE void block_codes(const uint8_t* b, __m256* c) {
   if constexpr (Q == Q8_0) {
     for (int j = 0; j < 4; ++j) c[j] = i8x8(b + 2 + 8 * j);
   } else {
@@ -182,19 +182,19 @@ inline void block_codes(const uint8_t* b, __m256* c) {
 }
 
 // One block of x (32 floats) in four registers.
-inline void block_x(const float* x, __m256* xv) {
+L3D_ALWAYS_INLINE void block_x(const float* x, __m256* xv) {
   for (int j = 0; j < 4; ++j) xv[j] = _mm256_loadu_ps(x + 8 * j);
 }
 
 // dot(codes, x) over one block, summed in a short tree so that the only chain carried from block
 // to block is the one FMA that applies the scale.
-inline __m256 block_dot(const __m256* c, const __m256* xv) {
+L3D_ALWAYS_INLINE __m256 block_dot(const __m256* c, const __m256* xv) {
   const __m256 p0 = _mm256_fmadd_ps(c[2], xv[2], _mm256_mul_ps(c[0], xv[0]));
   const __m256 p1 = _mm256_fmadd_ps(c[3], xv[3], _mm256_mul_ps(c[1], xv[1]));
   return _mm256_add_ps(p0, p1);
 }
 
-inline __m256 block_dot(const __m256* c, const float* x) {
+L3D_ALWAYS_INLINE __m256 block_dot(const __m256* c, const float* x) {
   __m256 xv[4];
   block_x(x, xv);
   return block_dot(c, xv);
@@ -203,7 +203,7 @@ inline __m256 block_dot(const __m256* c, const float* x) {
 // A block's scales as floats in one register: [d, m, 0, 0] for Q4_1 (its two f16 side by side),
 // [d, 0, 0, 0] for Q8_0 and Q4_0 (Q4_0's minimum, -8 d, is folded into x's side: xmin below).
 template <int Q>
-inline __m128 block_scales(const uint8_t* b) {
+L3D_ALWAYS_INLINE __m128 block_scales(const uint8_t* b) {
   int32_t h = 0;
   std::memcpy(&h, b, Q == Q4_1 ? 4 : 2);
   return _mm_cvtph_ps(_mm_cvtsi32_si128(h));
@@ -211,8 +211,8 @@ inline __m128 block_scales(const uint8_t* b) {
 
 // x's pair for one block (xmin below) in the low two lanes, and the minimum's term it accumulated:
 // lane 0 + lane 1 of [d, m] . pair.
-inline __m128 xmin_pair(const float* p) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
-inline float min_term(__m128 macc) { return _mm_cvtss_f32(_mm_add_ss(macc, _mm_movehdup_ps(macc))); }
+L3D_ALWAYS_INLINE __m128 xmin_pair(const float* p) { return _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))); }
+L3D_ALWAYS_INLINE float min_term(__m128 macc) { return _mm_cvtss_f32(_mm_add_ss(macc, _mm_movehdup_ps(macc))); }
 
 // MT rows of x against one row of W, accumulators in registers. For the 32-element formats
 // dot(d * q + m, x) = d * dot(q, x) + m * sum(x). xmin holds, per row of x and block, the pair that
