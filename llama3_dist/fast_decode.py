@@ -3,7 +3,8 @@
 `enable(model, compile=..., cuda_graphs=...)` sets `model.decode_step` to a `DecodeStep`, which
 runs the layers of every decode step (T = 1) in place of `model.run_layers`; prefill stays eager.
 
-- torch.compile fuses the small ops between matmuls. Without CUDA graphs the whole layer stack
+- torch.compile fuses the small ops between matmuls (on CPU attention stays the kernels' fused op:
+  kernels.IN_GRAPHS). Without CUDA graphs the whole layer stack
   is one compiled graph, so no Python runs between layers; on CPU it also gets inductor's C++
   wrapper, which calls its kernels without Python in between (about a minute more to compile on
   two cores), and skips dynamo's guards on module attributes (~1 ms per step; DecodeStep._stack).

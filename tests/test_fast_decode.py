@@ -51,9 +51,13 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_meta, dtype):
     batch = [[3, 4, 5, 6], [7], [8, 9, 10, 11, 12, 13, 14]]
     eager = [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())]
     fast_decode.enable(model, compile=True, cuda_graphs=False)
-    assert [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())] == eager
+    with torch.profiler.profile() as prof:
+        assert [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())] == eager
     assert model.decode_step.compiled_runs > 0, "the compiled decode step never ran"
     assert model.decode_step.one_graph, "a one-rank decode step should compile to one graph"
+    ran = {e.name for e in prof.events()}
+    assert f"llama3_dist::attend_decode_{kernels.variant()}" in ran, "the compiled step did not attend with the kernel"
+    assert "aten::bmm" not in ran, "attention ran as two batched matmuls"
 
 
 def test_each_model_runs_its_own_compiled_graph(tiny_meta):
