@@ -78,6 +78,23 @@ def test_each_model_runs_its_own_compiled_graph(tiny_meta):
     assert counters["stats"]["unique_graphs"] > graphs, "the second model ran the first one's graph"
 
 
+def test_models_of_one_shape_run_their_own_weights(tiny_meta):
+    """The one-graph stack holds its weights in the graph (install_free_tensors): a second model of
+    the same shape with other weights must decode with its own, not the first one's."""
+    batch = [[3, 4, 5, 6], [7]]
+    first, second = our_model(tiny_meta), our_model(tiny_meta)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in second.parameters():
+            w.add_(torch.randn(w.shape, generator=gen) * w.std())
+    eager = [[c.tokens for c in generate(m, Mesh.single(), batch, GREEDY, frozenset())] for m in (first, second)]
+    assert eager[0] != eager[1], "the perturbed weights should change the tokens"
+    for model, want in zip((first, second), eager):
+        fast_decode.enable(model, compile=True, cuda_graphs=False)
+        assert [c.tokens for c in generate(model, Mesh.single(), batch, GREEDY, frozenset())] == want
+        assert model.decode_step.compiled_runs > 0 and model.decode_step.one_graph
+
+
 def test_a_failing_compile_falls_back_to_eager_decoding(tiny_meta, caplog):
     import torch._inductor.config as inductor
 
