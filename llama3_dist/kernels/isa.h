@@ -26,7 +26,11 @@
 // For the small helpers of the inner loops (a block's codes, its dot product): `inline` alone left
 // one of them a call per block in every kernel that used it twice, spilling the block's codes to the
 // stack between (Q8_0 matmuls ran a third slower).
+#if defined(__GNUC__)  // GCC and Clang, the compilers the -m flags of kernels/__init__.py are for
 #define L3D_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define L3D_ALWAYS_INLINE inline
+#endif
 
 #if defined(L3D_X86_SIMD)
 // Software prefetch for the x86 decode loops, which stream each weight row once: each iteration
