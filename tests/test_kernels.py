@@ -263,15 +263,16 @@ def test_fused_decode_steps_equal_the_eager_math(variant, dtype, force):
         assert not gate.is_contiguous()  # the two halves of the stacked w1|w3 product
         assert_near(kernels.fused("silu_mul", gate)(gate, up), F.silu(gate) * up, 1e-6)
 
-        B, Hq, Hkv, S, hd = 2, 9, 3, 37, 64
-        cache_k, cache_v = (torch.randn(B + 1, Hkv, 50, hd, generator=g).to(dtype) for _ in range(2))
-        k, v = cache_k[:B, :, :S], cache_v[:B, :, :S]  # views of the cache, as the model passes them
-        q = torch.randn(B, 1, Hq, hd, generator=g).to(dtype).transpose(1, 2)
-        mask = (torch.arange(S) <= torch.tensor([[20], [36]]).unsqueeze(-1)).unsqueeze(1)  # (B, 1, 1, S)
-        with RecordOps() as ops:
-            got = kernels.fused("attend_decode", q)(q, k, v, mask)
-        assert ops.names == [f"llama3_dist.attend_decode_{variant}.default"]
-        assert_near(got, eager_attend_decode(q, k, v, mask), 1e-5)
+        B, Hq, Hkv, S = 2, 9, 3, 37  # S: a tail after the 8-wide softmax loop
+        for hd in (64, 128, 40):  # head sizes with register-resident loops (64, 128) and without (40)
+            cache_k, cache_v = (torch.randn(B + 1, Hkv, 50, hd, generator=g).to(dtype) for _ in range(2))
+            k, v = cache_k[:B, :, :S], cache_v[:B, :, :S]  # views of the cache, as the model passes them
+            q = torch.randn(B, 1, Hq, hd, generator=g).to(dtype).transpose(1, 2)
+            mask = (torch.arange(S) <= torch.tensor([[20], [36]]).unsqueeze(-1)).unsqueeze(1)  # (B, 1, 1, S)
+            with RecordOps() as ops:
+                got = kernels.fused("attend_decode", q)(q, k, v, mask)
+            assert ops.names == [f"llama3_dist.attend_decode_{variant}.default"]
+            assert_near(got, eager_attend_decode(q, k, v, mask), 1e-5)
 
 
 def test_no_fused_ops_on_torch_or_with_autograd(force):

@@ -52,6 +52,8 @@ inline Vec vload(const uint16_t* p) {
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline Vec vset1(float a) { return _mm512_set1_ps(a); }
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 #elif defined(L3D_AVX2)
 using Vec = __m256;
 constexpr int kLanes = 8;
@@ -68,6 +70,8 @@ inline float vsum(Vec a) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+inline Vec vset1(float a) { return _mm256_set1_ps(a); }
+inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a); }
 #else
 constexpr int kLanes = 16;
 struct Vec {
@@ -96,6 +100,14 @@ inline float vsum(Vec a) {
   float s = 0.f;
   for (int j = 0; j < kLanes; ++j) s += a.v[j];
   return s;
+}
+inline Vec vset1(float a) {
+  Vec r;
+  for (int j = 0; j < kLanes; ++j) r.v[j] = a;
+  return r;
+}
+inline void vstore(float* p, Vec a) {
+  for (int j = 0; j < kLanes; ++j) p[j] = a.v[j];
 }
 #endif
 
@@ -394,6 +406,125 @@ at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
   return y;
 }
 
+// e^x for x <= 0 (a softmax's scores minus their max), within a few ulp of expf: x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times 2^n built in the exponent bits; 0 below
+// -87 (masked keys are -inf). x86 builds take 8 at a time (exp_rows), with the same operations.
+constexpr float kExpFloor = -87.0f;  // e^-87 ~ 1.6e-38, still a normal float
+constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+inline float exp_nonpos(float x_in) {
+  const float x = std::max(x_in, kExpFloor);
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float e = kExpPoly[0];
+  for (int j = 1; j < 6; ++j) e = e * r + kExpPoly[j];
+  e = e * (r * r) + (r + 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x_in < kExpFloor ? 0.0f : e * scale;
+}
+
+#ifdef L3D_X86_SIMD
+inline __m256 exp_nonpos8(__m256 x_in) {
+  const __m256 floor = _mm256_set1_ps(kExpFloor);
+  const __m256 x = _mm256_max_ps(x_in, floor);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(kLn2Hi))),
+                                 _mm256_mul_ps(n, _mm256_set1_ps(kLn2Lo)));
+  __m256 e = _mm256_set1_ps(kExpPoly[0]);
+  for (int j = 1; j < 6; ++j) e = _mm256_add_ps(_mm256_mul_ps(e, r), _mm256_set1_ps(kExpPoly[j]));
+  e = _mm256_add_ps(_mm256_mul_ps(e, _mm256_mul_ps(r, r)), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(e, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x_in, floor, _CMP_GE_OQ));
+}
+#endif
+
+// p[s] = e^(p[s] - mx) for s < S.
+inline void exp_rows(float* p, int64_t S, float mx) {
+  int64_t s = 0;
+#ifdef L3D_X86_SIMD
+  const __m256 m = _mm256_set1_ps(mx);
+  for (; s + 8 <= S; s += 8) _mm256_storeu_ps(p + s, exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(p + s), m)));
+#endif
+  for (; s < S; ++s) p[s] = exp_nonpos(p[s] - mx);
+}
+
+// p[s] = scale * dot(q, K[s]) for the keys the mask shows, -inf for the others; returns max p. q (NV
+// vectors of hd = NV * kLanes floats) stays in registers across the whole cache.
+template <int NV, typename KT>
+float key_scores(const float* q, const KT* K, int64_t ks, const bool* M, int64_t S, float scale, float* p) {
+  Vec qv[NV];
+  for (int j = 0; j < NV; ++j) qv[j] = vload(q + j * kLanes);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < S; ++s) {
+    if (!M[s]) {
+      p[s] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    Vec a = vzero(), b = vzero();  // two chains
+    for (int j = 0; j + 1 < NV; j += 2) {
+      a = vfma(qv[j], vload(K + s * ks + j * kLanes), a);
+      b = vfma(qv[j + 1], vload(K + s * ks + (j + 1) * kLanes), b);
+    }
+    p[s] = vsum(vadd(a, b)) * scale;
+    mx = std::max(mx, p[s]);
+  }
+  return mx;
+}
+
+// acc (NV vectors of hd = NV * kLanes floats) = sum over s of p[s] * V[s]: the accumulators stay in
+// registers across the whole cache.
+template <int NV, typename VT>
+void weighted_rows(const float* p, const VT* V, int64_t vs, int64_t S, float* acc) {
+  Vec a[NV];
+  for (int j = 0; j < NV; ++j) a[j] = vzero();
+  for (int64_t s = 0; s < S; ++s) {
+    if (p[s] == 0.f) continue;
+    const Vec ps = vset1(p[s]);
+    for (int j = 0; j < NV; ++j) a[j] = vfma(ps, vload(V + s * vs + j * kLanes), a[j]);
+  }
+  for (int j = 0; j < NV; ++j) vstore(acc + j * kLanes, a[j]);
+}
+
+template <typename KT>
+float key_scores_any(const float* q, const KT* K, int64_t ks, const bool* M, int64_t S, int64_t hd, float scale,
+                     float* p) {
+  switch (hd) {  // as weighted_rows_any
+    case 2 * kLanes: return key_scores<2>(q, K, ks, M, S, scale, p);
+    case 4 * kLanes: return key_scores<4>(q, K, ks, M, S, scale, p);
+    case 8 * kLanes: return key_scores<8>(q, K, ks, M, S, scale, p);
+    case 16 * kLanes: return key_scores<16>(q, K, ks, M, S, scale, p);
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < S; ++s) {
+    p[s] = -std::numeric_limits<float>::infinity();
+    if (!M[s]) continue;
+    float dot;
+    dot_rows<1>(q, hd, K + s * ks, hd, &dot);
+    p[s] = dot * scale;
+    mx = std::max(mx, p[s]);
+  }
+  return mx;
+}
+
+template <typename VT>
+void weighted_rows_any(const float* p, const VT* V, int64_t vs, int64_t S, int64_t hd, float* acc) {
+  switch (hd) {  // the head sizes of Llama 3 (128), SmolLM2 / Llama 3.2 1B (64) and small tests
+    case 2 * kLanes: return weighted_rows<2>(p, V, vs, S, acc);
+    case 4 * kLanes: return weighted_rows<4>(p, V, vs, S, acc);
+    case 8 * kLanes: return weighted_rows<8>(p, V, vs, S, acc);
+    case 16 * kLanes: return weighted_rows<16>(p, V, vs, S, acc);
+  }
+  std::fill(acc, acc + hd, 0.f);
+  for (int64_t s = 0; s < S; ++s) {
+    if (p[s] == 0.f) continue;
+    for (int64_t d = 0; d < hd; ++d) acc[d] += p[s] * to_f32(V[s * vs + d]);
+  }
+}
+
 // One decode step of grouped-query attention, in fp32: q (B, Hq, 1, hd); k, v (B, Hkv, S, hd)
 // (strided views of the cache); mask (B, 1, 1, S), True where a key is seen. Each KV head is
 // read once per query head of its group, straight from the cache (no fp32 copy of it).
@@ -424,26 +555,13 @@ at::Tensor attend_decode(const at::Tensor& q_in, const at::Tensor& k, const at::
         const T* Vh = V + b * vb + g * vh;
         const bool* Mb = M + b * S;
         for (int64_t d = 0; d < hd; ++d) qf[d] = ld(Q[i * hd + d]);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < S; ++s) {
-          if (!Mb[s]) continue;
-          float dot;
-          dot_rows<1>(qf.data(), hd, as_bits(Kh + s * ks), hd, &dot);
-          p[s] = dot * scale;
-          mx = std::max(mx, p[s]);
-        }
+        const float mx = key_scores_any(qf.data(), as_bits(Kh), ks, Mb, S, hd, scale, p.data());
+        exp_rows(p.data(), S, mx);
         float sum = 0.f;
-        for (int64_t s = 0; s < S; ++s) {
-          p[s] = Mb[s] ? std::exp(p[s] - mx) : 0.f;
-          sum += p[s];
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t s = 0; s < S; ++s) {
-          if (p[s] == 0.f) continue;
-          const float ps = p[s] / sum;
-          for (int64_t d = 0; d < hd; ++d) acc[d] += ps * ld(Vh[s * vs + d]);
-        }
-        for (int64_t d = 0; d < hd; ++d) Y[i * hd + d] = T(acc[d]);
+        for (int64_t s = 0; s < S; ++s) sum += p[s];
+        weighted_rows_any(p.data(), as_bits(Vh), vs, S, hd, acc.data());
+        const float inv = 1.0f / sum;
+        for (int64_t d = 0; d < hd; ++d) Y[i * hd + d] = T(acc[d] * inv);
       }
     });
   });
