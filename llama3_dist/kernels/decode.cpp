@@ -429,8 +429,8 @@ inline float exp_nonpos(float x_in) {
 
 #ifdef L3D_X86_SIMD
 inline __m256 exp_nonpos8(__m256 x_in) {
-  const __m256 floor = _mm256_set1_ps(kExpFloor);
-  const __m256 x = _mm256_max_ps(x_in, floor);
+  const __m256 lo = _mm256_set1_ps(kExpFloor);
+  const __m256 x = _mm256_max_ps(x_in, lo);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(kLn2Hi))),
                                  _mm256_mul_ps(n, _mm256_set1_ps(kLn2Lo)));
@@ -438,7 +438,7 @@ inline __m256 exp_nonpos8(__m256 x_in) {
   for (int j = 1; j < 6; ++j) e = _mm256_add_ps(_mm256_mul_ps(e, r), _mm256_set1_ps(kExpPoly[j]));
   e = _mm256_add_ps(_mm256_mul_ps(e, _mm256_mul_ps(r, r)), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(e, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x_in, floor, _CMP_GE_OQ));
+  return _mm256_and_ps(_mm256_mul_ps(e, _mm256_castsi256_ps(bits)), _mm256_cmp_ps(x_in, lo, _CMP_GE_OQ));
 }
 #endif
 
