@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "isa.h"
@@ -489,16 +490,26 @@ void weighted_rows(const float* p, const VT* V, int64_t vs, int64_t S, float* ac
   for (int j = 0; j < NV; ++j) vstore(acc + j * kLanes, a[j]);
 }
 
+// f(std::integral_constant<int, NV>) when hd is NV = 2, 4, 8 or 16 vectors (the head sizes of Llama 3
+// (128), SmolLM2 / Llama 3.2 1B (64) and small tests), whose loops hold a head in registers; false for
+// other sizes, which take the generic loops.
+template <typename F>
+bool in_registers(int64_t hd, F f) {
+  switch (hd) {
+    case 2 * kLanes: f(std::integral_constant<int, 2>{}); return true;
+    case 4 * kLanes: f(std::integral_constant<int, 4>{}); return true;
+    case 8 * kLanes: f(std::integral_constant<int, 8>{}); return true;
+    case 16 * kLanes: f(std::integral_constant<int, 16>{}); return true;
+  }
+  return false;
+}
+
 template <typename KT>
 float key_scores_any(const float* q, const KT* K, int64_t ks, const bool* M, int64_t S, int64_t hd, float scale,
                      float* p) {
-  switch (hd) {  // as weighted_rows_any
-    case 2 * kLanes: return key_scores<2>(q, K, ks, M, S, scale, p);
-    case 4 * kLanes: return key_scores<4>(q, K, ks, M, S, scale, p);
-    case 8 * kLanes: return key_scores<8>(q, K, ks, M, S, scale, p);
-    case 16 * kLanes: return key_scores<16>(q, K, ks, M, S, scale, p);
-  }
-  float mx = -std::numeric_limits<float>::infinity();
+  float mx;
+  if (in_registers(hd, [&](auto nv) { mx = key_scores<decltype(nv)::value>(q, K, ks, M, S, scale, p); })) return mx;
+  mx = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < S; ++s) {
     p[s] = -std::numeric_limits<float>::infinity();
     if (!M[s]) continue;
@@ -512,12 +523,7 @@ float key_scores_any(const float* q, const KT* K, int64_t ks, const bool* M, int
 
 template <typename VT>
 void weighted_rows_any(const float* p, const VT* V, int64_t vs, int64_t S, int64_t hd, float* acc) {
-  switch (hd) {  // the head sizes of Llama 3 (128), SmolLM2 / Llama 3.2 1B (64) and small tests
-    case 2 * kLanes: return weighted_rows<2>(p, V, vs, S, acc);
-    case 4 * kLanes: return weighted_rows<4>(p, V, vs, S, acc);
-    case 8 * kLanes: return weighted_rows<8>(p, V, vs, S, acc);
-    case 16 * kLanes: return weighted_rows<16>(p, V, vs, S, acc);
-  }
+  if (in_registers(hd, [&](auto nv) { weighted_rows<decltype(nv)::value>(p, V, vs, S, acc); })) return;
   std::fill(acc, acc + hd, 0.f);
   for (int64_t s = 0; s < S; ++s) {
     if (p[s] == 0.f) continue;
