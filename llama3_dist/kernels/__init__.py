@@ -6,7 +6,8 @@ out the fused steps of an eager decode layer (rms_norm, rope, silu_mul, attend_d
 the matmuls over quantized blocks of `quant.cpp`. The same sources are compiled together for each
 variant below with its own -m flags, and register torch.ops.llama3_dist.<op>_<variant>:
 
-    avx512bf16  AVX-512 F/BW/VL + AVX512-BF16: fp32 FMAs, bf16 dot products (vdpbf16ps)
+    avx512bf16  AVX-512 F/BW/VL + AVX512-BF16 + AVX512-VNNI (every CPU with the first has the second):
+                fp32 FMAs, bf16 dot products (vdpbf16ps), int8 dot products (vpdpbusd)
     avx512      AVX-512 F/BW/VL: fp32 FMAs, bf16 widened to fp32 in registers (a shift and a mask)
     avx2        AVX2 + FMA + F16C: the same on 8 lanes (the x86-64 baseline of the last decade)
     portable    plain C++ the compiler vectorises for its default target (any CPU, ARM included)
@@ -45,7 +46,12 @@ MAX_ROWS = 16  # above this, x @ W.T is a real matrix product and oneDNN/MKL win
 VARIANTS = ("avx512bf16", "avx512", "avx2", "portable")  # best first
 CHOICES = ("auto", *VARIANTS, "torch")
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx2", "fma")
-REQUIRES = {"avx512bf16": (*_AVX512, "avx512_bf16"), "avx512": _AVX512, "avx2": ("avx2", "fma", "f16c"), "portable": ()}
+REQUIRES = {
+    "avx512bf16": (*_AVX512, "avx512_bf16", "avx512_vnni"),
+    "avx512": _AVX512,
+    "avx2": ("avx2", "fma", "f16c"),
+    "portable": (),
+}
 CFLAGS = {
     "avx512bf16": [
         "-DL3D_AVX512BF16",
@@ -53,6 +59,7 @@ CFLAGS = {
         "-mavx512bw",
         "-mavx512vl",
         "-mavx512bf16",
+        "-mavx512vnni",
         "-mavx2",
         "-mfma",
         "-mf16c",

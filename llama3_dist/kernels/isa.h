@@ -16,6 +16,9 @@
 #define L3D_X86_SIMD 1  // AVX2 + FMA + F16C at least
 #include <immintrin.h>
 #endif
+#if defined(L3D_AVX512BF16) || defined(L3D_AVX512)
+#define L3D_X86_AVX512 1  // and AVX-512 F/BW/VL
+#endif
 
 #define L3D_STR2(x) #x
 #define L3D_STR(x) L3D_STR2(x)

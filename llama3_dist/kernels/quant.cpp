@@ -8,9 +8,10 @@
 // int8 per 32 elements and the blocks are dotted in integers (maddubs), as llama.cpp's CPU backend
 // does. `dequant` expands rows of W to float32 (prefill, embedding lookups).
 // Part of the kernel family (kernels/__init__.py): compiled with decode.cpp once per instruction
-// set, registering torch.ops.llama3_dist.qlinear_<isa> / dequant_<isa>. The x86 builds (avx2 and
-// the AVX-512 ones) run the AVX2 + FMA + F16C loops; the portable build runs a scalar dequantizer
-// that the compiler vectorises.
+// set, registering torch.ops.llama3_dist.qlinear_<isa> / dequant_<isa>. The x86 builds run AVX2 +
+// FMA + F16C loops; the AVX-512 ones take the 32-element formats 16 lanes at a time, and the
+// avx512bf16 build (which has AVX512-VNNI) dots int8 activations with vpdpbusd. The portable build
+// runs a scalar dequantizer that the compiler vectorises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -300,17 +301,133 @@ void pair_avx2(const uint8_t* w0, int64_t row_bytes, const float* x, const float
   y[1] = hsum(acc1) + min_term(macc1);
 }
 
+
+
+#ifdef L3D_X86_AVX512
+// The same two loops on 16 lanes: a 32-element block is two vectors. A Q4 block's 16 code bytes
+// widen to one vector whose mask gives elements 0-15 and whose shift gives 16-31; a Q8_0 block is
+// two sign-extending loads. Half the instructions per block of the 8-lane loops.
+template <int Q>
+L3D_ALWAYS_INLINE void block_codes16(const uint8_t* b, __m512* c) {
+  if constexpr (Q == Q8_0) {
+    c[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+    c[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+  } else {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == Q4_1 ? 4 : 2))));
+    c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0F)));
+    c[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  }
+}
+
+L3D_ALWAYS_INLINE __m512 block_dot16(const __m512* c, const float* x) {
+  return _mm512_fmadd_ps(c[1], _mm512_loadu_ps(x + 16), _mm512_mul_ps(c[0], _mm512_loadu_ps(x)));
+}
+
+// tile_avx2 for the 32-element formats (the K-quants keep the 8-lane loop).
+template <int Q, int MT>
+void tile_avx512(const uint8_t* w, const float* x, const float* xmin, int64_t K, float* out, int64_t ldy) {
+  const int64_t nb = K / 32;
+  __m512 acc[MT][2];
+  __m128 macc[MT];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps(), macc[m] = _mm_setzero_ps();
+  auto mins = [&](int m, int64_t i) { return xmin_pair(xmin + (m * nb + i) * 2); };
+  __m512 c[2];
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2, w += 2 * kBytes[Q]) {
+    prefetch_ahead<2 * kBytes[Q]>(w);
+    block_codes16<Q>(w, c);
+    const __m128 s0 = block_scales<Q>(w);
+    const __m512 d0 = _mm512_broadcastss_ps(s0);
+    for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_fmadd_ps(block_dot16(c, x + m * K + i * 32), d0, acc[m][0]);
+    block_codes16<Q>(w + kBytes[Q], c);
+    const __m128 s1 = block_scales<Q>(w + kBytes[Q]);
+    const __m512 d1 = _mm512_broadcastss_ps(s1);
+    for (int m = 0; m < MT; ++m) {
+      acc[m][1] = _mm512_fmadd_ps(block_dot16(c, x + m * K + i * 32 + 32), d1, acc[m][1]);
+      if constexpr (Q != Q8_0) macc[m] = _mm_fmadd_ps(s1, mins(m, i + 1), _mm_fmadd_ps(s0, mins(m, i), macc[m]));
+    }
+  }
+  if (i < nb) {
+    block_codes16<Q>(w, c);
+    const __m128 s0 = block_scales<Q>(w);
+    const __m512 d0 = _mm512_broadcastss_ps(s0);
+    for (int m = 0; m < MT; ++m) {
+      acc[m][0] = _mm512_fmadd_ps(block_dot16(c, x + m * K + i * 32), d0, acc[m][0]);
+      if constexpr (Q != Q8_0) macc[m] = _mm_fmadd_ps(s0, mins(m, i), macc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) out[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + min_term(macc[m]);
+}
+
+// pair_avx2 on 16 lanes.
+template <int Q>
+void pair_avx512(const uint8_t* w0, int64_t row_bytes, const float* x, const float* xmin, int64_t K, float* y) {
+  const uint8_t* w1 = w0 + row_bytes;
+  const int64_t nb = K / 32;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), c[2];
+  __m128 macc0 = _mm_setzero_ps(), macc1 = _mm_setzero_ps();
+  for (int64_t i = 0; i < nb; ++i, w0 += kBytes[Q], w1 += kBytes[Q], x += 32) {
+    prefetch_ahead<kBytes[Q]>(w0);
+    prefetch_ahead<kBytes[Q]>(w1);
+    const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);  // once for both rows
+    block_codes16<Q>(w0, c);
+    const __m128 s0 = block_scales<Q>(w0);
+    acc0 = _mm512_fmadd_ps(_mm512_fmadd_ps(c[1], x1, _mm512_mul_ps(c[0], x0)), _mm512_broadcastss_ps(s0), acc0);
+    block_codes16<Q>(w1, c);
+    const __m128 s1 = block_scales<Q>(w1);
+    acc1 = _mm512_fmadd_ps(_mm512_fmadd_ps(c[1], x1, _mm512_mul_ps(c[0], x0)), _mm512_broadcastss_ps(s1), acc1);
+    if constexpr (Q != Q8_0) {
+      const __m128 xm = xmin_pair(xmin + i * 2);
+      macc0 = _mm_fmadd_ps(s0, xm, macc0);
+      macc1 = _mm_fmadd_ps(s1, xm, macc1);
+    }
+  }
+  y[0] = _mm512_reduce_add_ps(acc0) + min_term(macc0);
+  y[1] = _mm512_reduce_add_ps(acc1) + min_term(macc1);
+}
+#endif
+
+// MT rows of x against one row of W: 16 lanes for the 32-element formats where the build has
+// AVX-512, else 8.
+template <int Q, int MT>
+L3D_ALWAYS_INLINE void tile_x86(const uint8_t* w, const float* x, const float* xmin, int64_t K, float* out, int64_t ldy) {
+#ifdef L3D_X86_AVX512
+  if constexpr (kBlock[Q] == 32) return tile_avx512<Q, MT>(w, x, xmin, K, out, ldy);
+#endif
+  tile_avx2<Q, MT>(w, x, xmin, K, out, ldy);
+}
+
 // Rows of x in tiles of up to 4 (the row of W stays in L1 between tiles).
 template <int Q>
-void row_avx2(const uint8_t* w, const float* x, const float* xmin, int64_t M, int64_t K, float* y, int64_t ldy) {
+void row_x86(const uint8_t* w, const float* x, const float* xmin, int64_t M, int64_t K, float* y, int64_t ldy) {
   const int64_t nb = K / kBlock[Q];
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_avx2<Q, 4>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy);
+  for (; m + 4 <= M; m += 4) tile_x86<Q, 4>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy);
   switch (M - m) {
-    case 3: tile_avx2<Q, 3>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
-    case 2: tile_avx2<Q, 2>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
-    case 1: tile_avx2<Q, 1>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
+    case 3: tile_x86<Q, 3>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
+    case 2: tile_x86<Q, 2>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
+    case 1: tile_x86<Q, 1>(w, x + m * K, xmin + m * nb * 2, K, y + m * ldy, ldy); break;
   }
+}
+
+// Sums of four products of unsigned by signed bytes in each int32 lane: one vpdpbusd where the
+// build has AVX512-VNNI, else maddubs (pairs to int16; no overflow for |s| <= 127 and u <= 127) and
+// madd (to int32). dot2_u8s8 sums two such products (the Q4 blocks' low and high nibbles).
+L3D_ALWAYS_INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+L3D_ALWAYS_INLINE __m256i dot2_u8s8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+#else  // |s| <= 127, u <= 15: the two int16 sums cannot overflow
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1)),
+                           _mm256_set1_epi16(1));
+#endif
 }
 
 // MT rows of x (int8) against one row of W: per block the 32 codes are bytes in one register and
@@ -325,7 +442,6 @@ void tile_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t m0, int64_t K, fl
   const int8_t* xq = x.q + m0 * K;
   const float* xds = x.ds + m0 * nb * 2;
   const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MT][A];
   __m128 macc[MT][A];
   for (int m = 0; m < MT; ++m)
@@ -351,7 +467,7 @@ void tile_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t m0, int64_t K, fl
     for (int m = 0; m < MT; ++m) {
       __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + i * 32));
       if constexpr (Q == Q8_0) q = _mm256_sign_epi8(q, c);  // the sign of c moved onto x
-      const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(cu, q), ones));
+      const __m256 s = _mm256_cvtepi32_ps(dot_u8s8(cu, q));
       const __m128 sm = _mm_mul_ps(dm, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xds + (m * nb + i) * 2))));
       acc[m][a] = _mm256_fmadd_ps(_mm256_broadcastss_ps(sm), s, acc[m][a]);
       if constexpr (Q != Q8_0) macc[m][a] = _mm_add_ps(macc[m][a], sm);
@@ -382,10 +498,8 @@ void tile_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t m0, int64_t K, fl
     }
     for (int m = 0; m < MT; ++m) {
       const int8_t* xp = xq + m * K + i * 32;
-      const __m256i p = _mm256_add_epi16(
-          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
-          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
-      const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+      const __m256 s = _mm256_cvtepi32_ps(dot2_u8s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)), hi,
+                                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
       const __m128 sm = _mm_mul_ps(dm, _mm_loadu_ps(xds + (m * nb + i) * 2));
       acc[m][a] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(sm), lanes), s, acc[m][a]);
       macc[m][a] = _mm_add_ps(macc[m][a], sm);
@@ -450,8 +564,13 @@ using PairFn = void (*)(const uint8_t*, int64_t, const float*, const float*, int
 PairFn pick_pair(int64_t qtype) {
 #ifdef L3D_X86_SIMD
   switch (qtype) {  // not Q8_0: closer to its memory bound, two rows' streams were no faster
+#ifdef L3D_X86_AVX512
+    case Q4_0: return &pair_avx512<Q4_0>;
+    case Q4_1: return &pair_avx512<Q4_1>;
+#else
     case Q4_0: return &pair_avx2<Q4_0>;
     case Q4_1: return &pair_avx2<Q4_1>;
+#endif
   }
 #endif
   return nullptr;
@@ -460,7 +579,7 @@ PairFn pick_pair(int64_t qtype) {
 template <int Q>
 constexpr RowFn row_fn() {
 #ifdef L3D_X86_SIMD
-  return &row_avx2<Q>;
+  return &row_x86<Q>;
 #else
   return &row_portable<Q>;
 #endif
