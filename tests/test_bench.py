@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import torch
 
 from llama3_dist.bench import run_bench, table
-from llama3_dist.bench.run import best_of
+from llama3_dist.bench.run import best_of, failure
 from llama3_dist.cli import main
 
 
@@ -41,3 +43,12 @@ def test_rounds_keep_each_engines_best_decode_and_prefill(capsys):
     assert best_of(None, failed) == failed  # every round failed: the error is the result
     assert main(["bench", "--rounds", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: bench --rounds 0: give 1 or more"]
+
+
+def test_an_engine_that_dies_says_how():
+    """A worker killed by a signal (llama.cpp built for instructions the machine has not enabled dies
+    of SIGILL, with nothing on stderr) is reported by that signal, not as 'no output'."""
+    cmd = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"]
+    assert failure(subprocess.run(cmd, capture_output=True, text=True)).startswith("killed by SIGILL (an instruction")
+    cmd = [sys.executable, "-c", "import sys; sys.exit('no model here')"]
+    assert failure(subprocess.run(cmd, capture_output=True, text=True)) == "no model here"

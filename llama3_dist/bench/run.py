@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -157,9 +158,18 @@ def launch(engine: str, ckpt: str, s: Setting, args) -> dict:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, stdin=subprocess.DEVNULL)
     line = next((x for x in r.stdout.splitlines() if x.startswith("BENCH ")), None)
     if r.returncode != 0 or line is None:
-        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"{engine} failed: {tail}"}
+        return {"error": f"{engine} failed: {failure(r)}"}
     return json.loads(line[len("BENCH ") :])
+
+
+def failure(r: subprocess.CompletedProcess) -> str:
+    """Why a worker gave no result: the last line of its stderr, or the signal that ended it."""
+    if r.returncode < 0:
+        sig = signal.Signals(-r.returncode).name
+        if sig == "SIGILL":
+            return "killed by SIGILL (an instruction this CPU lacks or has not enabled: rebuild it for this machine)"
+        return f"killed by {sig}"
+    return (r.stderr.strip().splitlines() or [f"exit code {r.returncode}, no output"])[-1]
 
 
 def have_llama_cpp() -> bool:
