@@ -5,7 +5,7 @@
 // row of W is read once, its blocks are dequantized in registers (AVX2 + FMA for the 32-element
 // formats) or into a 256-float buffer in L1 (the K-quant super-blocks), and dotted with every row
 // of x in float32. With int8_x (runtime.activations=int8, Q8_0 / Q4_x) each row of x is first rounded to
-// int8 per 32 elements and the blocks are dotted in integers (maddubs), as llama.cpp's CPU backend
+// int8 per 32 elements and the blocks are dotted in integers (maddubs or vpdpbusd), as llama.cpp's CPU backend
 // does. `dequant` expands rows of W to float32 (prefill, embedding lookups).
 // Part of the kernel family (kernels/__init__.py): compiled with decode.cpp once per instruction
 // set, registering torch.ops.llama3_dist.qlinear_<isa> / dequant_<isa>. The x86 builds run AVX2 +
@@ -301,8 +301,6 @@ void pair_avx2(const uint8_t* w0, int64_t row_bytes, const float* x, const float
   y[1] = hsum(acc1) + min_term(macc1);
 }
 
-
-
 #ifdef L3D_X86_AVX512
 // The same two loops on 16 lanes: a 32-element block is two vectors. A Q4 block's 16 code bytes
 // widen to one vector whose mask gives elements 0-15 and whose shift gives 16-31; a Q8_0 block is
@@ -431,7 +429,7 @@ L3D_ALWAYS_INLINE __m256i dot2_u8s8(__m256i u0, __m256i s0, __m256i u1, __m256i 
 }
 
 // MT rows of x (int8) against one row of W: per block the 32 codes are bytes in one register and
-// maddubs (unsigned x signed bytes -> int16 pairs) then madd (-> int32) give 8 partial sums, turned
+// dot_u8s8 (unsigned x signed bytes, four products per int32 lane) gives 8 partial sums, turned
 // to float and scaled by dw * dx. The block's two scales [dw, m] times x's [dx, dx * sum(qx)] are one
 // 128-bit product: lane 0 scales the codes' sum, lane 1 is the minimum's term, accumulated as a
 // vector. A independent chains (blocks i mod A) hide the FMA and add latencies.
