@@ -4,6 +4,7 @@ layout, int8 / int4 quantized on load; each is checked against the same weights 
 from __future__ import annotations
 
 import math
+import platform
 from collections import Counter
 from pathlib import Path
 
@@ -188,6 +189,34 @@ def test_compiled_decode_calls_the_kernel():
     x = torch.randn(1, 64)
     fn = torch.compile(lambda x: quant.linear(x, w, "Q4_1"), fullgraph=True)
     assert (fn(x) - F.linear(x, reference(w, "Q4_1"))).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_batch_one_float_x_runs_as_three_int8_digits_in_the_avx2_build(qtype):
+    """At batch 1 the avx2 build dots Q4 codes with x split into three int8 digits per 32 elements
+    (quant.cpp, pick_digits): exact for x^ = dx * round(x / dx), dx = max|x| / 2088895, so an element
+    under dx / 2 counts as 0 (float32's sum drops it too, beside the block's largest product). Blocks of
+    one 1.0 and 31 elements of 0.45 dx tell the paths apart: every variant the CPU runs gives x^'s
+    product where it runs digits (avx2) and x's where it converts codes to float (the others)."""
+    K, N = 3 * 32, 5  # a pair of blocks and an odd one
+    head = np.array([1.0, 0.0] if qtype == "Q4_1" else [1.0], dtype=np.float16).view(np.uint8)
+    w = torch.from_numpy(np.tile(np.concatenate([head, np.full(16, 0xFF, np.uint8)]), (N, K // 32)))
+    dense = reference(w, qtype).double()  # every weight 15 (Q4_1) or 7 (Q4_0)
+    x = torch.full((1, K), 0.45 / 2088895, dtype=torch.float32)
+    x[0, ::32] = 1.0
+    xd = x.double().view(-1, 32)
+    dx = xd.abs().amax(-1, keepdim=True) / 2088895
+    digits, floats = (torch.round(xd / dx) * dx).view(1, K) @ dense.T, x.double() @ dense.T
+    scale = floats.abs().max().item()
+    assert (floats - digits).abs().max().item() >= 5e-6 * scale  # the 31 small elements' share
+    ran = []
+    for variant in kernels.supported():
+        got = quant.ops_of(variant).qlinear(x, w, quant.FORMATS[qtype][0]).double()
+        runs_digits = (got - digits).abs().max().item() <= 1e-6 * scale
+        assert runs_digits == (variant == "avx2"), (variant, got, digits, floats)
+        assert (got - (digits if runs_digits else floats)).abs().max().item() <= 1e-6 * scale, variant
+        ran.append(variant)
+    assert "avx2" in ran or platform.machine() not in ("x86_64", "AMD64"), ran  # digits are x86 only
 
 
 @pytest.mark.parametrize("qtype", quant.INT8_X_FORMATS)

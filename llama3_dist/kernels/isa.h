@@ -44,8 +44,8 @@
 // 1 KB was the best distance of 512 B, 1, 2 and 4 KB.
 constexpr int64_t kPrefetchBytes = 1024;
 
-template <int64_t Bytes>  // the bytes one loop iteration reads
+template <int64_t Bytes, int64_t Distance = kPrefetchBytes>  // the bytes one loop iteration reads
 inline void prefetch_ahead(const void* p) {
-  for (int64_t b = 0; b < Bytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < Bytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + Distance + b, _MM_HINT_T0);
 }
 #endif

@@ -125,6 +125,19 @@ struct Int8X {
   const float* ds;   // (M, K / 32, 2): each block's dx and dx * sum(qx) (the minimums' term)
 };
 
+// --- float activations as three int8 digits (batch-1 steps against Q4_0 / Q4_1, avx2 build) ---
+// Converting every 4-bit code to float costs more than reading it (tile_avx2 is bound by that
+// conversion, not by memory), so a batch-1 step keeps the codes in integers and splits x instead:
+// per 32 elements v = round(x / dx) with dx = max|x| / kDigitsMax, written as three signed digits
+// v = q0 * 2^14 + q1 * 2^7 + q2 (q0 in [-127, 127], q1 and q2 in [-64, 63]). Each digit is dotted
+// with the codes by the int8 kernel's integer products, the three sums joined exactly in int32
+// (a block's sum of 32 products of 15 * 2^21 fits), so a block's dot product is exact for x^ = dx * v
+// and its error against x is at most dx / 2 = max|x| * 2^-22 per element: the size of float32's own
+// rounding when it adds the products of that block (2^-24 of a sum that large). Blocks are then
+// summed in float32 as before.
+constexpr int kDigits = 3;
+constexpr float kDigitsMax = 127 * 16384 + 63 * 128 + 63;  // the largest v three digits hold
+
 inline int block_code(const uint8_t* b, int64_t qtype, int j) {
   if (qtype == Q8_0) return reinterpret_cast<const int8_t*>(b + 2)[j];
   const uint8_t* q = b + (qtype == Q4_1 ? 4 : 2);
@@ -428,78 +441,114 @@ L3D_ALWAYS_INLINE __m256i dot2_u8s8(__m256i u0, __m256i s0, __m256i u1, __m256i 
 #endif
 }
 
+// The integer sums of a block against x's D digits (dot(d) for digit d), joined into one:
+// dot(0) * 2^14 + dot(1) * 2^7 + dot(2) for three digits, dot(0) for one.
+template <int D, class Dot>
+L3D_ALWAYS_INLINE __m256i join_digits(Dot dot) {
+  if constexpr (D == 1) {
+    return dot(0);
+  } else {
+    static_assert(D == kDigits);
+    return _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(dot(0), 14), _mm256_slli_epi32(dot(1), 7)), dot(2));
+  }
+}
+
+// One block's 32 codes as bytes in one register (element j in byte j) and its scales [dw, m, 0, 0]
+// (Q4_0: m = -8 dw; Q8_0: m unused).
+template <int Q>
+L3D_ALWAYS_INLINE void int_block(const uint8_t* b, __m256i& c, __m128& dm) {
+  if constexpr (Q == Q8_0) {
+    dm = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const uint16_t*>(b)));
+    c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  } else {  // byte j: element j (low nibble, j < 16) or element j (high nibble of byte j - 16)
+    if constexpr (Q == Q4_1) {
+      int32_t h;
+      std::memcpy(&h, b, 4);
+      dm = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
+    } else {
+      dm = _mm_mul_ps(_mm_set1_ps(f16_hw(b)), _mm_setr_ps(1.0f, -8.0f, 0.0f, 0.0f));
+    }
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == Q4_1 ? 4 : 2)));
+    c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+  }
+}
+
+// Q4_0 / Q4_1 blocks A and B (B right after A) at once: their 16 code bytes share one register (A in
+// the low 128 bits, B in the high), so one mask and one shift give both blocks' low nibbles (lo) and
+// high nibbles (hi), to be dotted with x in pair order (pair_order: A[0:16] B[0:16] A[16:32]
+// B[16:32]); the products' lanes stay apart (A low, B high). dm = [dA, mA, dB, mB].
+template <int Q>
+L3D_ALWAYS_INLINE void int_block_pair(const uint8_t* b, __m256i& lo, __m256i& hi, __m128& dm) {
+  constexpr int off = Q == Q4_1 ? 4 : 2;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i t = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + off))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kBytes[Q] + off)), 1);
+  lo = _mm256_and_si256(t, low), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), low);
+  if constexpr (Q == Q4_1) {
+    int32_t ha, hb;
+    std::memcpy(&ha, b, 4);
+    std::memcpy(&hb, b + kBytes[Q], 4);
+    dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(ha), hb, 1));
+  } else {
+    uint16_t ha, hb;
+    std::memcpy(&ha, b, 2);
+    std::memcpy(&hb, b + kBytes[Q], 2);
+    dm = _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi16(ha, ha, hb, hb, 0, 0, 0, 0)), _mm_setr_ps(1.0f, -8.0f, 1.0f, -8.0f));
+  }
+}
+
+// [sA x 4 | sB x 4] from [sA, ., sB, .]: a pair's scales against its products' lanes.
+L3D_ALWAYS_INLINE __m256 pair_scales(__m128 sm) {
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(sm), _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+}
+
 // MT rows of x (int8) against one row of W: per block the 32 codes are bytes in one register and
 // dot_u8s8 (unsigned x signed bytes, four products per int32 lane) gives 8 partial sums, turned
 // to float and scaled by dw * dx. The block's two scales [dw, m] times x's [dx, dx * sum(qx)] are one
 // 128-bit product: lane 0 scales the codes' sum, lane 1 is the minimum's term, accumulated as a
-// vector. A independent chains (blocks i mod A) hide the FMA and add latencies.
-template <int Q, int MT>
+// vector. A independent chains (blocks i mod A) hide the FMA and add latencies. D = kDigits: each row
+// of x is three rows of digits (x.q is (M, D, K)), their sums joined before the conversion to float.
+template <int Q, int MT, int D = 1>
 void tile_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t m0, int64_t K, float* out, int64_t ldy) {
   constexpr int A = MT == 1 ? 4 : 2;
   const int64_t nb = K / 32;
-  const int8_t* xq = x.q + m0 * K;
+  const int8_t* xq = x.q + m0 * D * K;
   const float* xds = x.ds + m0 * nb * 2;
-  const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[MT][A];
   __m128 macc[MT][A];
   for (int m = 0; m < MT; ++m)
     for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps(), macc[m][a] = _mm_setzero_ps();
   auto block = [&](const uint8_t* b, int64_t i, int a) {
-    __m128 dm;  // [dw, m]
+    __m128 dm;
     __m256i c;
-    if constexpr (Q == Q8_0) {
-      dm = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const uint16_t*>(b)));
-      c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-    } else {  // byte j: element j (low nibble, j < 16) or element j (high nibble of byte j - 16)
-      if constexpr (Q == Q4_1) {
-        int32_t h;
-        std::memcpy(&h, b, 4);
-        dm = _mm_cvtph_ps(_mm_cvtsi32_si128(h));
-      } else {
-        dm = _mm_mul_ps(_mm_set1_ps(f16_hw(b)), _mm_setr_ps(1.0f, -8.0f, 0.0f, 0.0f));
-      }
-      const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == Q4_1 ? 4 : 2)));
-      c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), low);
-    }
+    int_block<Q>(b, c, dm);
     const __m256i cu = Q == Q8_0 ? _mm256_sign_epi8(c, c) : c;  // |c|: maddubs wants its first operand unsigned
     for (int m = 0; m < MT; ++m) {
-      __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + i * 32));
-      if constexpr (Q == Q8_0) q = _mm256_sign_epi8(q, c);  // the sign of c moved onto x
-      const __m256 s = _mm256_cvtepi32_ps(dot_u8s8(cu, q));
+      const int8_t* xp = xq + m * D * K + i * 32;
+      const __m256 s = _mm256_cvtepi32_ps(join_digits<D>([&](int d) {
+        __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + d * K));
+        if constexpr (Q == Q8_0) q = _mm256_sign_epi8(q, c);  // the sign of c moved onto x
+        return dot_u8s8(cu, q);
+      }));
       const __m128 sm = _mm_mul_ps(dm, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xds + (m * nb + i) * 2))));
       acc[m][a] = _mm256_fmadd_ps(_mm256_broadcastss_ps(sm), s, acc[m][a]);
       if constexpr (Q != Q8_0) macc[m][a] = _mm_add_ps(macc[m][a], sm);
     }
   };
-  // Q4_0 / Q4_1, blocks A and B at a time: their 16 code bytes share one register (A in the low 128
-  // bits, B in the high), so one mask and one shift give both blocks' low and high nibbles, against
-  // x in pair order (pair_order: A[0:16] B[0:16] A[16:32] B[16:32]); the products' lanes stay apart
-  // (A low, B high) and are scaled by [sA x 4 | sB x 4].
-  const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+  // Q4_0 / Q4_1: two blocks at a time (int_block_pair)
   auto pair = [&](const uint8_t* b, int64_t i, int a) {
-    constexpr int off = Q == Q4_1 ? 4 : 2;
-    const __m256i t = _mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + off))),
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kBytes[Q] + off)), 1);
-    const __m256i lo = _mm256_and_si256(t, low), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), low);
-    __m128 dm;  // [dA, mA, dB, mB]
-    if constexpr (Q == Q4_1) {
-      int32_t ha, hb;
-      std::memcpy(&ha, b, 4);
-      std::memcpy(&hb, b + kBytes[Q], 4);
-      dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(ha), hb, 1));
-    } else {
-      uint16_t ha, hb;
-      std::memcpy(&ha, b, 2);
-      std::memcpy(&hb, b + kBytes[Q], 2);
-      dm = _mm_mul_ps(_mm_cvtph_ps(_mm_setr_epi16(ha, ha, hb, hb, 0, 0, 0, 0)), _mm_setr_ps(1.0f, -8.0f, 1.0f, -8.0f));
-    }
+    __m256i lo, hi;
+    __m128 dm;
+    int_block_pair<Q>(b, lo, hi, dm);
     for (int m = 0; m < MT; ++m) {
-      const int8_t* xp = xq + m * K + i * 32;
-      const __m256 s = _mm256_cvtepi32_ps(dot2_u8s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)), hi,
-                                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
+      const int8_t* xp = xq + m * D * K + i * 32;
+      const __m256 s = _mm256_cvtepi32_ps(join_digits<D>([&](int d) {
+        return dot2_u8s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + d * K)), hi,
+                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + d * K + 32)));
+      }));
       const __m128 sm = _mm_mul_ps(dm, _mm_loadu_ps(xds + (m * nb + i) * 2));
-      acc[m][a] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(sm), lanes), s, acc[m][a]);
+      acc[m][a] = _mm256_fmadd_ps(pair_scales(sm), s, acc[m][a]);
       macc[m][a] = _mm_add_ps(macc[m][a], sm);
     }
   };
@@ -551,6 +600,58 @@ void row_int8x_avx2(const uint8_t* w, const Int8X& x, int64_t M, int64_t K, floa
     case 1: tile_int8x_avx2<Q, 1>(w, x, m, K, y + m * ldy, ldy); break;
   }
 }
+
+// One row of float x, as three digits, against one row of W (an odd last row; pick_digits).
+template <int Q>
+void row_digits_avx2(const uint8_t* w, const Int8X& x, int64_t /*M = 1*/, int64_t K, float* y, int64_t /*ldy*/) {
+  tile_int8x_avx2<Q, 1, kDigits>(w, x, 0, K, y, 1);
+}
+
+// One row of float x, as three digits (x.q: (1, kDigits, K), pair order), against two rows of W,
+// the second row_bytes after the first (pick_digits): a batch-1 step's rows are short (a 576-wide
+// one is 18 blocks), so the two rows share the loop, the final sums and each pair of blocks' six
+// loads of x's digits.
+template <int Q>
+void pair_digits_avx2(const uint8_t* w0, int64_t row_bytes, const Int8X& x, int64_t K, float* y) {
+  const int64_t nb = K / 32;
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m128 macc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2) {
+    const int8_t* xp = x.q + i * 32;
+    const __m128 xds = _mm_loadu_ps(x.ds + i * 2);
+    for (int r = 0; r < 2; ++r) {
+      const uint8_t* b = w0 + r * row_bytes + i * kBytes[Q];
+      prefetch_ahead<2 * kBytes[Q], 2 * kPrefetchBytes>(b);  // 2 KB: this loop outruns 1 KB's
+      __m256i lo, hi;
+      __m128 dm;
+      int_block_pair<Q>(b, lo, hi, dm);
+      const __m256 s = _mm256_cvtepi32_ps(join_digits<kDigits>([&](int d) { return dot2_u8s8(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + d * K)), hi,
+                                                                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + d * K + 32))); }));
+      const __m128 sm = _mm_mul_ps(dm, xds);
+      acc[r] = _mm256_fmadd_ps(pair_scales(sm), s, acc[r]);
+      macc[r] = _mm_add_ps(macc[r], sm);
+    }
+  }
+  if (i < nb) {  // an odd last block, in natural order
+    const __m128 xds = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.ds + i * 2)));
+    for (int r = 0; r < 2; ++r) {
+      __m256i c;
+      __m128 dm;
+      int_block<Q>(w0 + r * row_bytes + i * kBytes[Q], c, dm);
+      const __m256 s = _mm256_cvtepi32_ps(join_digits<kDigits>(
+          [&](int d) { return dot_u8s8(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + d * K + i * 32))); }));
+      const __m128 sm = _mm_mul_ps(dm, xds);
+      acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(sm), s, acc[r]);
+      macc[r] = _mm_add_ps(macc[r], sm);
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    float mins[4];  // the minimums' terms: lanes 1 and 3 (as in tile_int8x_avx2)
+    _mm_storeu_ps(mins, macc[r]);
+    y[r] = hsum(acc[r]) + mins[1] + mins[3];
+  }
+}
 #endif
 
 // One row n of W against M rows of x: y[m * ldy] for m < M (y points at column n of the (M, N) output).
@@ -583,39 +684,73 @@ constexpr RowFn row_fn() {
 #endif
 }
 
-// x (blocks of 32 floats) -> int8 codes and [dx, dx * sum(codes)] per block: dx = max|x| / 127,
-// codes = round-half-even(x / dx) (x * (1 / dx), as quant.py's round_activations).
-void quantize_x(const float* x, int64_t blocks, int8_t* q, float* ds) {
-  for (int64_t b = 0; b < blocks; ++b, x += 32, q += 32, ds += 2) {
+// Rows of x (M, K) in blocks of 32 -> D rows of int8 digits per row of x (q: (M, D, K)) and
+// [dx, dx * sum(v)] per block (ds: (M, K / 32, 2)). One digit (runtime.activations=int8): dx =
+// max|x| / 127, v = round-half-even(x / dx) (x * (1 / dx), as quant.py's round_activations). Three
+// (kDigits): dx = max|x| / kDigitsMax and v's digits q0, q1, q2, low ones first: q2 = ((v + 64) mod
+// 128) - 64, then q1 the same of (v - q2) / 128, and q0 what is left.
+template <int D>
+void quantize_x(const float* x, int64_t M, int64_t K, int8_t* q, float* ds) {
+  constexpr float vmax = D == 1 ? 127.0f : kDigitsMax;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 32, x += 32, ds += 2) {
+      int8_t* qk = q + m * D * K + k;  // digit d of this block at qk + d * K
 #ifdef L3D_X86_SIMD
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 v[4], amax = _mm256_setzero_ps();
-    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(x + 8 * j), amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f;
-    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-    __m256i i[4];
-    for (int j = 0; j < 4; ++j)
-      i[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    // int32 -> int8 with the packs' lane interleave undone by one permute
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    const int32_t sum = _mm_cvtsi128_si32(s4);
+      const __m256 sign = _mm256_set1_ps(-0.0f);
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(x + 8 * j), amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / vmax;
+      const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f), hi = _mm256_set1_ps(vmax);
+      __m256i i[4];
+      for (int j = 0; j < 4; ++j) {  // clamped: x * (1 / dx) may round a hair past vmax
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[j], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        i[j] = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, hi), _mm256_sub_ps(_mm256_setzero_ps(), hi)));
+      }
+      const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      const int32_t sum = _mm_cvtsi128_si32(s4);
+      // int32 -> int8 with the packs' lane interleave undone by one permute (every digit fits in int8)
+      auto store = [](int8_t* dst, const __m256i* t) {
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(t[0], t[1]), _mm256_packs_epi32(t[2], t[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      };
+      if constexpr (D == 1) {
+        store(qk, i);
+      } else {
+        const __m256i half = _mm256_set1_epi32(64), low7 = _mm256_set1_epi32(127);
+        for (int digit = D - 1; digit > 0; --digit) {  // peel the low digit off i
+          __m256i t[4];
+          for (int j = 0; j < 4; ++j) {
+            t[j] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(i[j], half), low7), half);
+            i[j] = _mm256_srai_epi32(_mm256_sub_epi32(i[j], t[j]), 7);
+          }
+          store(qk + digit * K, t);
+        }
+        store(qk, i);
+      }
 #else
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-    int32_t sum = 0;
-    for (int j = 0; j < 32; ++j) sum += q[j] = static_cast<int8_t>(std::nearbyint(x[j] * inv));
+      float amax = 0.0f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+      const float d = amax / vmax, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        int32_t v = static_cast<int32_t>(std::clamp(std::nearbyint(x[j] * inv), -vmax, vmax));
+        sum += v;
+        for (int digit = D - 1; digit > 0; --digit) {
+          const int32_t t = ((v + 64) & 127) - 64;
+          qk[digit * K + j] = static_cast<int8_t>(t);
+          v = (v - t) / 128;
+        }
+        qk[j] = static_cast<int8_t>(v);
+      }
 #endif
-    ds[0] = d;
-    ds[1] = d * static_cast<float>(sum);
-  }
+      ds[0] = d;
+      ds[1] = d * static_cast<float>(sum);
+    }
 }
 
 using Int8RowFn = void (*)(const uint8_t*, const Int8X&, int64_t, int64_t, float*, int64_t);
@@ -627,6 +762,28 @@ constexpr Int8RowFn int8x_fn() {
 #else
   return &row_int8x_portable<Q>;
 #endif
+}
+
+// The digits kernels for float x, where this build runs them: batch 1 against Q4_0 / Q4_1 in the
+// avx2 build. (The AVX-512 builds convert codes 16 at a time, where the float loop stays ahead; with
+// more rows of x the float loop converts a block's codes once for them all, and Q8_0's codes convert
+// cheaply: there three digits cost more than the conversion they save.) Rows of W go two at a time
+// where a row is at most kPrefetchBytes: longer, the second row's first kPrefetchBytes were never
+// prefetched (each row's loop asks only for bytes ahead of itself) and its misses cost more than the
+// pair saves (4096-wide Q4_1 rows ran 2x slower in pairs); one row at a time, a row's prefetches
+// run on into the next.
+struct DigitsFns {
+  void (*pair)(const uint8_t*, int64_t, const Int8X&, int64_t, float*) = nullptr;
+  Int8RowFn row = nullptr;
+};
+
+DigitsFns pick_digits(int64_t qtype, int64_t M, int64_t row_bytes) {
+#if defined(L3D_X86_SIMD) && !defined(L3D_X86_AVX512)
+  const bool pairs = row_bytes <= kPrefetchBytes;
+  if (M == 1 && qtype == Q4_0) return {pairs ? &pair_digits_avx2<Q4_0> : nullptr, &row_digits_avx2<Q4_0>};
+  if (M == 1 && qtype == Q4_1) return {pairs ? &pair_digits_avx2<Q4_1> : nullptr, &row_digits_avx2<Q4_1>};
+#endif
+  return {};
 }
 
 Int8RowFn pick_int8x(int64_t qtype) {
@@ -666,29 +823,33 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, b
   const float* X = x.data_ptr<float>();
   const uint8_t* W = w.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
-  const RowFn row = int8_x ? nullptr : pick(qtype);
-  const Int8RowFn row8 = int8_x ? pick_int8x(qtype) : nullptr;
-  // Per row of x and 32-element block, the pair that a Q4_1 / Q4_0 block's scales multiply into its
-  // minimum's term (tile_avx2), once per call; with int8 activations x's Q8_0-style codes and scales.
   const bool sums = qtype == Q4_0 || qtype == Q4_1;
-  std::vector<float> xmin(sums && !int8_x ? M * nb * 2 : 0), xds(int8_x ? M * nb * 2 : 0);
-  std::vector<int8_t> xq(int8_x ? M * K : 0);
-  if (int8_x) {
-    quantize_x(X, M * nb, xq.data(), xds.data());
+  const DigitsFns digits = int8_x ? DigitsFns{} : pick_digits(qtype, M, row_bytes);
+  const RowFn row = int8_x || digits.row ? nullptr : pick(qtype);
+  const Int8RowFn row8 = int8_x ? pick_int8x(qtype) : digits.row;
+  // Per row of x and 32-element block, the pair that a Q4_1 / Q4_0 block's scales multiply into its
+  // minimum's term (tile_avx2), once per call; with int8 activations x's Q8_0-style codes and scales,
+  // or for the digits kernel x's three digits and their scales.
+  std::vector<float> xmin(sums && !row8 ? M * nb * 2 : 0), xds(row8 ? M * nb * 2 : 0);
+  std::vector<int8_t> xq(int8_x ? M * K : digits.row ? M * kDigits * K : 0);
+  if (int8_x) quantize_x<1>(X, M, K, xq.data(), xds.data());
 #ifdef L3D_X86_SIMD
-    if (sums) pair_order(xq.data(), M, K);
+  if (digits.row) quantize_x<kDigits>(X, M, K, xq.data(), xds.data());
+  if (row8 && sums) pair_order(xq.data(), xq.size() / K, K);
 #endif
-  }
   for (size_t b = 0; b < xmin.size() / 2; ++b) {
     float s = 0.0f;
     for (int j = 0; j < 32; ++j) s += X[b * 32 + j];
     xmin[2 * b] = qtype == Q4_1 ? 0.0f : -8.0f * s;  // [d, m] . [0, s] or [d, 0] . [-8 s, 0]
     xmin[2 * b + 1] = qtype == Q4_1 ? s : 0.0f;
   }
-  if (int8_x) {
+  if (row8) {
     const Int8X xi{xq.data(), xds.data()};
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) row8(W + n * row_bytes, xi, M, K, Y + n, N);
+      int64_t n = n0;
+      if (digits.pair != nullptr)
+        for (; n + 2 <= n1; n += 2) digits.pair(W + n * row_bytes, row_bytes, xi, K, Y + n);
+      for (; n < n1; ++n) row8(W + n * row_bytes, xi, M, K, Y + n, N);
     });
   } else {
     const PairFn pair = M == 1 ? pick_pair(qtype) : nullptr;
