@@ -767,7 +767,8 @@ constexpr Int8RowFn int8x_fn() {
 // The digits kernels for float x, where this build runs them: batch 1 against Q4_0 / Q4_1 in the
 // avx2 build. (The AVX-512 builds convert codes 16 at a time, where the float loop stays ahead; with
 // more rows of x the float loop converts a block's codes once for them all, and Q8_0's codes convert
-// cheaply: there three digits cost more than the conversion they save.) Rows of W go two at a time
+// cheaply: there three digits cost more than the conversion they save, measured: SmolLM2's 120 Q8_0
+// step matmuls, 2 threads, 10.7 -> 11.9 ms, faster in 1 of 20 rounds.) Rows of W go two at a time
 // where a row is at most kPrefetchBytes: longer, the second row's first kPrefetchBytes were never
 // prefetched (each row's loop asks only for bytes ahead of itself) and its misses cost more than the
 // pair saves (4096-wide Q4_1 rows ran 2x slower in pairs); one row at a time, a row's prefetches
