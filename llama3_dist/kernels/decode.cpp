@@ -126,6 +126,9 @@ inline void dot_rows(const float* x, int64_t ldx, const WT* w, int64_t k, float*
     for (int u = 0; u < U; ++u) acc[r][u] = vzero();
   int64_t i = 0;
   for (; i + U * kLanes <= k; i += U * kLanes) {
+#if defined(L3D_X86_AVX512)
+    prefetch_ahead<U * kLanes * sizeof(WT)>(w + i);
+#endif
     for (int u = 0; u < U; ++u) {
       const Vec wv = vload(w + i + u * kLanes);
       for (int r = 0; r < R; ++r) acc[r][u] = vfma(vload(x + r * ldx + i + u * kLanes), wv, acc[r][u]);
@@ -254,6 +257,7 @@ inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t k) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 64 <= k; i += 64) {
+    prefetch_ahead<64 * sizeof(uint16_t)>(b + i);
     acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
     acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(a + i + 32),
                             (__m512bh)_mm512_loadu_si512(b + i + 32));
