@@ -24,6 +24,7 @@ from llama3_dist import kernels
 from llama3_dist.errors import UserError
 
 SUPPORTED = kernels.supported()
+MATMULS = ("mm", "addmm", "bmm", "linear", "_linear_pointwise")  # torch op names of a matrix product
 
 
 class RecordOps(TorchDispatchMode):
@@ -121,8 +122,23 @@ def test_bf16_prefill_runs_in_float32_where_the_cpu_lacks_bf16(monkeypatch, nati
         got = kernels.linear(x, w)
     assert got.shape == (2, 20, 70) and got.dtype == torch.bfloat16
     assert_close(got.reshape(40, 70), x.reshape(40, 96), w)
-    matmuls = [(n, d) for n, d in zip(ops.names, ops.dtypes) if n.split(".")[1] in ("mm", "addmm", "bmm", "linear")]
+    matmuls = [(n, d) for n, d in zip(ops.names, ops.dtypes) if n.split(".")[1] in MATMULS]
     assert [d for _, d in matmuls] == ([torch.bfloat16] if native else [torch.float32] * 5), matmuls
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_float32_prefill_products_run_on_onednn_on_avx512_cpus(monkeypatch, onednn):
+    """A float32 product larger than a decode step runs on oneDNN where _ONEDNN_FP32 (an AVX-512 CPU),
+    else on F.linear; both give the float32 product within float32 summation order."""
+    monkeypatch.setattr(kernels, "_ONEDNN_FP32", onednn)
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(3, 40, 100, generator=g), torch.randn(70, 100, generator=g)
+    with torch.inference_mode(), RecordOps() as ops:
+        got = kernels.linear(x, w)
+    assert got.shape == (3, 40, 70) and got.dtype == torch.float32
+    torch.testing.assert_close(got, x.double().matmul(w.double().T).float(), rtol=1e-5, atol=1e-4)
+    matmuls = [n for n in ops.names if n.split(".")[1] in MATMULS]
+    assert matmuls == (["mkldnn._linear_pointwise.default"] if onednn else ["aten.linear.default"]), matmuls
 
 
 def test_forcing_torch_uses_f_linear(force):

@@ -572,9 +572,12 @@ def test_int8_int4_on_load_keep_perplexity_on_smollm2(smollm2_gguf):
 
 
 def test_int8_activations_keep_perplexity_on_smollm2(smollm2_gguf):
-    """The Q4_1 file with its matmul inputs rounded to int8 (measured +0.38% over 2048 tokens)."""
+    """The Q4_1 file with its matmul inputs rounded to int8 (measured +0.38% over 2048 tokens, +0.43%
+    and +0.46% over 512 with MKL's and oneDNN's float32 products). Rounding is discontinuous, so a
+    float32 product summed in another order flips some codes: over 128 tokens that alone moved it
+    from -0.18% to +1.43%, which is why the test reads 512."""
     ckpt = open_checkpoint(smollm2_gguf)
-    ids = text_ids(ckpt.tokenizer(), 128)
+    ids = text_ids(ckpt.tokenizer(), 512)
     base = perplexity(logits(load_model(ckpt, Mesh.single(), torch.float32, weights="auto"), ids), ids)
     model = load_model(ckpt, Mesh.single(), torch.float32, weights="auto", activations="int8")
     rounded = perplexity(logits(model, ids), ids)
