@@ -290,10 +290,11 @@ _NATIVE_BF16 = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 WIDEN_CHUNK_BYTES = 32 << 20  # float32 bytes of a weight widened at a time for a matrix-matrix product
 
 
-# torch's float32 matmul on CPU is MKL's sgemm, which on AMD CPUs runs its AVX2 code even where the
-# CPU has AVX-512; oneDNN (torch's own bf16 path) runs AVX-512 on every vendor. A 2-core Zen 5,
-# SmolLM2's prefill products (128 rows): 133-195 GFLOP/s through F.linear, 325-382 through oneDNN.
-# AVX2 CPUs keep F.linear (measured there: prefill at or above llama.cpp's).
+# torch's float32 matmul on CPU is MKL's sgemm, which picks its code by CPU vendor: on a 2-core AMD
+# Zen 5 (AVX-512) it ran SmolLM2's prefill products (128 rows) at 133-195 GFLOP/s, less than half of
+# oneDNN's 325-382 (torch's own bf16 path; its verbose line reports "AVX-512 with DL Boost and
+# bfloat16" there). AVX2 CPUs keep F.linear (measured there: prefill at or above llama.cpp's); an
+# Intel AVX-512 CPU, where MKL runs its AVX-512 code, takes oneDNN too (not measured).
 _ONEDNN_FP32 = "avx512f" in cpu_flags() and torch.backends.mkldnn.is_available()
 
 
