@@ -305,6 +305,7 @@ def matmul(x: Tensor, w: Tensor) -> Tensor:
         _ONEDNN_FP32
         and x.dtype == w.dtype == torch.float32
         and x.device.type == "cpu"
+        and w.is_contiguous()
         and not torch.is_grad_enabled()
         and variant() != "torch"
     ):
