@@ -664,9 +664,12 @@ using RowFn = void (*)(const uint8_t*, const float*, const float*, int64_t, int6
 // Two rows of W (the second row_bytes after the first) against one row of x: y[0], y[1].
 using PairFn = void (*)(const uint8_t*, int64_t, const float*, const float*, int64_t, float*);
 
-// The two-row kernel for batch-1 steps where there is one (Q4_0 / Q4_1 on x86), else null.
-PairFn pick_pair(int64_t qtype) {
+// The two-row kernel for batch-1 steps where there is one (Q4_0 / Q4_1 on x86), else null. Only
+// where a row is at most kPrefetchBytes, as for the digits (pick_digits): on a Zen 5 an 8192-wide
+// Q4_1 matrix (5 KB rows) took 544-572 us in pairs, 307 one row at a time.
+PairFn pick_pair(int64_t qtype, int64_t row_bytes) {
 #ifdef L3D_X86_SIMD
+  if (row_bytes > kPrefetchBytes) return nullptr;
   switch (qtype) {  // not Q8_0: closer to its memory bound, two rows' streams were no faster
 #ifdef L3D_X86_AVX512
     case Q4_0: return &pair_avx512<Q4_0>;
@@ -858,7 +861,7 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, b
       for (; n < n1; ++n) row8(W + n * row_bytes, xi, M, K, Y + n, N);
     });
   } else {
-    const PairFn pair = M == 1 ? pick_pair(qtype) : nullptr;
+    const PairFn pair = M == 1 ? pick_pair(qtype, row_bytes) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
       int64_t n = n0;
       if (pair != nullptr)
