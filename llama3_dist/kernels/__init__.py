@@ -2,7 +2,7 @@
 
 `linear(x, w)` is F.linear, except that a few rows of x (a decode step) go through the gemv of
 `decode.cpp`, which streams the weights once at close to memory bandwidth, and that larger float32
-products run on oneDNN on AVX-512 CPUs (`matmul`). `fused(name, x)` hands
+products run on oneDNN on AVX-512 CPUs (`gemm`). `fused(name, x)` hands
 out the fused steps of an eager decode layer (rms_norm, rope, silu_mul, attend_decode); `quant.py`
 the matmuls over quantized blocks of `quant.cpp`. The same sources are compiled together for each
 variant below with its own -m flags, and register torch.ops.llama3_dist.<op>_<variant>:
@@ -298,7 +298,7 @@ WIDEN_CHUNK_BYTES = 32 << 20  # float32 bytes of a weight widened at a time for 
 _ONEDNN_FP32 = "avx512f" in cpu_flags() and torch.backends.mkldnn.is_available()
 
 
-def matmul(x: Tensor, w: Tensor) -> Tensor:
+def gemm(x: Tensor, w: Tensor) -> Tensor:
     """x @ w.T for a product larger than a decode step: F.linear, or oneDNN's float32 matmul on an
     AVX-512 CPU (not with LLAMA3_DIST_KERNELS=torch, which keeps F.linear everywhere)."""
     if (
@@ -326,7 +326,7 @@ def linear_by_rows(x: Tensor, w: Tensor, widen) -> Tensor:
     rounded to bf16 once: what torch's bf16 matmul computes (float32 sums), at float32 speed."""
     xm = x.float() if _emulated_bf16(x) else x
     step = max(1, WIDEN_CHUNK_BYTES // (4 * x.shape[-1]))
-    parts = [matmul(xm, widen(w[r : r + step]).to(xm.dtype)) for r in range(0, w.shape[0], step)]
+    parts = [gemm(xm, widen(w[r : r + step]).to(xm.dtype)) for r in range(0, w.shape[0], step)]
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).type_as(x)
 
 
@@ -346,4 +346,4 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
         return _gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
     if w.dtype == torch.bfloat16 and _emulated_bf16(x):
         return linear_by_rows(x, w, lambda rows: rows)
-    return matmul(x, w)
+    return gemm(x, w)
