@@ -44,7 +44,7 @@
 // 1 KB was the best distance of 512 B, 1, 2 and 4 KB there. The AVX-512 builds ask 4 KB ahead, fp32
 // and AVX512-BF16 dot products included: on a Zen 5 a 576-wide bf16 row stream read 37-40 GB/s
 // without, 47-48 with 4 KB (2 KB 44, 8 KB 44-46), fp32 40-43 -> 44-45; SmolLM2's step matmuls, two
-// builds in one process: Q4_1 -18%, Q8_0 -8 to -15%, bf16 -5%, bf16 batch 4 -15 to -17%, fp32 0 to -15%.
+// builds in one process: Q4_1 -18%, Q8_0 -8 to -15%, bf16 -5%, bf16 batch 4 -15 to -17%, fp32 -15 to +4%.
 #if defined(L3D_X86_AVX512)
 constexpr int64_t kPrefetchBytes = 4096;
 #else
