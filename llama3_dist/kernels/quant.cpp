@@ -286,34 +286,6 @@ void tile_avx2(const uint8_t* w, const float* x, const float* xmin, int64_t K, f
   }
 }
 
-// One row of x (a batch-1 decode step) against two rows of W: a 576-wide row is only 18 blocks, so
-// the loop's set-up and the final sums are a large share of a row; two rows share them and x's loads.
-template <int Q>
-void pair_avx2(const uint8_t* w0, int64_t row_bytes, const float* x, const float* xmin, int64_t K, float* y) {
-  const uint8_t* w1 = w0 + row_bytes;
-  const int64_t nb = K / 32;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), c[4], xv[4];
-  __m128 macc0 = _mm_setzero_ps(), macc1 = _mm_setzero_ps();
-  for (int64_t i = 0; i < nb; ++i, w0 += kBytes[Q], w1 += kBytes[Q], x += 32) {
-    prefetch_ahead<kBytes[Q]>(w0);
-    prefetch_ahead<kBytes[Q]>(w1);
-    block_x(x, xv);  // loaded once for both rows
-    block_codes<Q>(w0, c);
-    const __m128 s0 = block_scales<Q>(w0);
-    acc0 = _mm256_fmadd_ps(block_dot(c, xv), _mm256_broadcastss_ps(s0), acc0);
-    block_codes<Q>(w1, c);
-    const __m128 s1 = block_scales<Q>(w1);
-    acc1 = _mm256_fmadd_ps(block_dot(c, xv), _mm256_broadcastss_ps(s1), acc1);
-    if constexpr (Q != Q8_0) {
-      const __m128 xm = xmin_pair(xmin + i * 2);
-      macc0 = _mm_fmadd_ps(s0, xm, macc0);
-      macc1 = _mm_fmadd_ps(s1, xm, macc1);
-    }
-  }
-  y[0] = hsum(acc0) + min_term(macc0);
-  y[1] = hsum(acc1) + min_term(macc1);
-}
-
 #ifdef L3D_X86_AVX512
 // The same two loops on 16 lanes: a 32-element block is two vectors. A Q4 block's 16 code bytes
 // widen to one vector whose mask gives elements 0-15 and whose shift gives 16-31; a Q8_0 block is
@@ -370,7 +342,8 @@ void tile_avx512(const uint8_t* w, const float* x, const float* xmin, int64_t K,
   for (int m = 0; m < MT; ++m) out[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + min_term(macc[m]);
 }
 
-// pair_avx2 on 16 lanes.
+// One row of x (a batch-1 decode step) against two rows of W: a 576-wide row is only 18 blocks, so
+// the loop's set-up and the final sums are a large share of a row; two rows share them and x's loads.
 template <int Q>
 void pair_avx512(const uint8_t* w0, int64_t row_bytes, const float* x, const float* xmin, int64_t K, float* y) {
   const uint8_t* w1 = w0 + row_bytes;
@@ -664,20 +637,16 @@ using RowFn = void (*)(const uint8_t*, const float*, const float*, int64_t, int6
 // Two rows of W (the second row_bytes after the first) against one row of x: y[0], y[1].
 using PairFn = void (*)(const uint8_t*, int64_t, const float*, const float*, int64_t, float*);
 
-// The two-row kernel for batch-1 steps where there is one (Q4_0 / Q4_1 on x86), else null. Only
-// where a row is at most kPrefetchBytes, as for the digits (pick_digits): on a Zen 5 an 8192-wide
-// Q4_1 matrix (5 KB rows) took 544-572 us in pairs, 307 one row at a time.
+// The two-row kernel for batch-1 steps where there is one (Q4_0 / Q4_1 on the AVX-512 builds; the
+// avx2 build's batch-1 Q4 steps run the digits, pick_digits), else null. Only where a row is at most
+// kPrefetchBytes, as for the digits: on a Zen 5 an 8192-wide Q4_1 matrix (5 KB rows) took 544-572 us
+// in pairs, 307 one row at a time.
 PairFn pick_pair(int64_t qtype, int64_t row_bytes) {
-#ifdef L3D_X86_SIMD
+#ifdef L3D_X86_AVX512
   if (row_bytes > kPrefetchBytes) return nullptr;
   switch (qtype) {  // not Q8_0: closer to its memory bound, two rows' streams were no faster
-#ifdef L3D_X86_AVX512
     case Q4_0: return &pair_avx512<Q4_0>;
     case Q4_1: return &pair_avx512<Q4_1>;
-#else
-    case Q4_0: return &pair_avx2<Q4_0>;
-    case Q4_1: return &pair_avx2<Q4_1>;
-#endif
   }
 #endif
   return nullptr;
