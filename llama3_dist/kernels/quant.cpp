@@ -195,23 +195,14 @@ L3D_ALWAYS_INLINE void block_codes(const uint8_t* b, __m256* c) {
   }
 }
 
-// One block of x (32 floats) in four registers.
-L3D_ALWAYS_INLINE void block_x(const float* x, __m256* xv) {
+// dot(codes, x) over one block of x (32 floats), summed in a short tree so that the only chain
+// carried from block to block is the one FMA that applies the scale.
+L3D_ALWAYS_INLINE __m256 block_dot(const __m256* c, const float* x) {
+  __m256 xv[4];
   for (int j = 0; j < 4; ++j) xv[j] = _mm256_loadu_ps(x + 8 * j);
-}
-
-// dot(codes, x) over one block, summed in a short tree so that the only chain carried from block
-// to block is the one FMA that applies the scale.
-L3D_ALWAYS_INLINE __m256 block_dot(const __m256* c, const __m256* xv) {
   const __m256 p0 = _mm256_fmadd_ps(c[2], xv[2], _mm256_mul_ps(c[0], xv[0]));
   const __m256 p1 = _mm256_fmadd_ps(c[3], xv[3], _mm256_mul_ps(c[1], xv[1]));
   return _mm256_add_ps(p0, p1);
-}
-
-L3D_ALWAYS_INLINE __m256 block_dot(const __m256* c, const float* x) {
-  __m256 xv[4];
-  block_x(x, xv);
-  return block_dot(c, xv);
 }
 
 // A block's scales as floats in one register: [d, m, 0, 0] for Q4_1 (its two f16 side by side),
