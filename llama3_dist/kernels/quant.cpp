@@ -628,13 +628,21 @@ using RowFn = void (*)(const uint8_t*, const float*, const float*, int64_t, int6
 // Two rows of W (the second row_bytes after the first) against one row of x: y[0], y[1].
 using PairFn = void (*)(const uint8_t*, int64_t, const float*, const float*, int64_t, float*);
 
+#ifdef L3D_X86_SIMD
+// Whether a batch-1 step takes rows of W two at a time (pick_pair, pick_digits): only where a row is
+// at most kPrefetchBytes. Longer, the second row's first kPrefetchBytes are never prefetched (each
+// row's loop asks only for bytes ahead of itself) and its misses cost more than the pair saves:
+// 4096-wide Q4_1 rows ran 2x slower in pairs on a Zen 3 (digits), an 8192-wide Q4_1 matrix (5 KB
+// rows) 544-572 us against 307 one row at a time on a Zen 5 (AVX-512 float loop). One row at a time,
+// a row's prefetches run on into the next.
+constexpr bool two_rows_fit(int64_t row_bytes) { return row_bytes <= kPrefetchBytes; }
+#endif
+
 // The two-row kernel for batch-1 steps where there is one (Q4_0 / Q4_1 on the AVX-512 builds; the
-// avx2 build's batch-1 Q4 steps run the digits, pick_digits), else null. Only where a row is at most
-// kPrefetchBytes, as for the digits: on a Zen 5 an 8192-wide Q4_1 matrix (5 KB rows) took 544-572 us
-// in pairs, 307 one row at a time.
+// avx2 build's batch-1 Q4 steps run the digits, pick_digits) and two_rows_fit, else null.
 PairFn pick_pair(int64_t qtype, int64_t row_bytes) {
 #ifdef L3D_X86_AVX512
-  if (row_bytes > kPrefetchBytes) return nullptr;
+  if (!two_rows_fit(row_bytes)) return nullptr;
   switch (qtype) {  // not Q8_0: closer to its memory bound, two rows' streams were no faster
     case Q4_0: return &pair_avx512<Q4_0>;
     case Q4_1: return &pair_avx512<Q4_1>;
@@ -737,10 +745,7 @@ constexpr Int8RowFn int8x_fn() {
 // more rows of x the float loop converts a block's codes once for them all, and Q8_0's codes convert
 // cheaply: there three digits cost more than the conversion they save, measured: SmolLM2's 120 Q8_0
 // step matmuls, 2 threads, 10.7 -> 11.9 ms, faster in 1 of 20 rounds.) Rows of W go two at a time
-// where a row is at most kPrefetchBytes: longer, the second row's first kPrefetchBytes were never
-// prefetched (each row's loop asks only for bytes ahead of itself) and its misses cost more than the
-// pair saves (4096-wide Q4_1 rows ran 2x slower in pairs); one row at a time, a row's prefetches
-// run on into the next.
+// where two_rows_fit.
 struct DigitsFns {
   void (*pair)(const uint8_t*, int64_t, const Int8X&, int64_t, float*) = nullptr;
   Int8RowFn row = nullptr;
@@ -748,7 +753,7 @@ struct DigitsFns {
 
 DigitsFns pick_digits(int64_t qtype, int64_t M, int64_t row_bytes) {
 #if defined(L3D_X86_SIMD) && !defined(L3D_X86_AVX512)
-  const bool pairs = row_bytes <= kPrefetchBytes;
+  const bool pairs = two_rows_fit(row_bytes);
   if (M == 1 && qtype == Q4_0) return {pairs ? &pair_digits_avx2<Q4_0> : nullptr, &row_digits_avx2<Q4_0>};
   if (M == 1 && qtype == Q4_1) return {pairs ? &pair_digits_avx2<Q4_1> : nullptr, &row_digits_avx2<Q4_1>};
 #endif
