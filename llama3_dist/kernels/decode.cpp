@@ -387,30 +387,6 @@ at::Tensor rope(const at::Tensor& x_in, const at::Tensor& f_in) {
   return y;
 }
 
-// silu(gate) * up, rounded to the dtype after the silu as eager F.silu(gate) * up is; (R, H) views
-// with a contiguous last dim (the two halves of the stacked w1|w3 product).
-at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
-  TORCH_CHECK(g_in.sizes() == u_in.sizes() && g_in.scalar_type() == u_in.scalar_type(), "silu_mul: shapes/dtypes");
-  const int64_t H = g_in.size(-1), R = H ? g_in.numel() / H : 0;
-  const at::Tensor g = g_in.reshape({R, H}), u = u_in.reshape({R, H});
-  TORCH_CHECK(g.stride(1) == 1 && u.stride(1) == 1, "silu_mul: last dim must be contiguous");
-  auto y = at::empty(g_in.sizes(), g_in.options());
-  by_dtype(g, "silu_mul", [&](auto tag) {
-    using T = decltype(tag);
-    const T *G = g.data_ptr<T>(), *U = u.data_ptr<T>();
-    T* Y = y.data_ptr<T>();
-    const int64_t gs = g.stride(0), us = u.stride(0);
-    at::parallel_for(0, R * H, 512, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t r = i / H, h = i % H;
-        const float a = ld(G[r * gs + h]);
-        Y[i] = T(ld(T(a / (1.0f + std::exp(-a)))) * ld(U[r * us + h]));
-      }
-    });
-  });
-  return y;
-}
-
 // e^x for x <= 0 (a softmax's scores minus their max), within a few ulp of expf: x = n ln2 + r with
 // |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times 2^n built in the exponent bits; 0 below
 // -87 (masked keys are -inf). x86 builds take 8 at a time (exp_rows), with the same operations.
@@ -586,13 +562,11 @@ TORCH_LIBRARY_FRAGMENT(llama3_dist, m) {
   m.def(L3D_OP(gemv) "(Tensor x, Tensor w) -> Tensor");
   m.def(L3D_OP(rms_norm) "(Tensor x, Tensor w, float eps) -> Tensor");
   m.def(L3D_OP(rope) "(Tensor x, Tensor freqs) -> Tensor");
-  m.def(L3D_OP(silu_mul) "(Tensor gate, Tensor up) -> Tensor");
   m.def(L3D_OP(attend_decode) "(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llama3_dist, CPU, m) {
   m.impl(L3D_OP(gemv), &gemv);
   m.impl(L3D_OP(rms_norm), &rms_norm);
   m.impl(L3D_OP(rope), &rope);
-  m.impl(L3D_OP(silu_mul), &silu_mul);
   m.impl(L3D_OP(attend_decode), &attend_decode);
 }
