@@ -417,6 +417,62 @@ def test_stop_string_split_across_tokens_never_reaches_the_client(server):
     assert whole["text"] == full[:i] and whole["finish_reason"] == "stop"
 
 
+def llama_cpp_stream(server: Server, body: dict) -> list[dict]:
+    """Every SSE event's JSON from POST /completion (llama-server's stream: no [DONE])."""
+    url, body = f"{server.url}/completion", {**body, "stream": True}
+    with httpx.stream("POST", url, json=body, timeout=REQUEST_TIMEOUT_S) as r:
+        assert r.status_code == 200, r.read()
+        data = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
+    return [json.loads(d) for d in data]
+
+
+def test_llama_cpp_completion_answers_as_llama_server(server, local_model):
+    """POST /completion, llama.cpp's own API: generate's greedy text and counts, a stream of pieces
+    that adds up to it, a stop word named, llama-server's sampling defaults and `repeat_penalty`."""
+    m = local_model
+    ids = m.tokenizer.encode("hello")
+    [want] = generate(m.model, m.mesh, [ids], SamplingParams(12, temperature=0.0), m.tokenizer.stop_ids)
+    r = server.post("/completion", {"prompt": "hello", "n_predict": 12, "temperature": 0, "model": "any"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["content"] == m.tokenizer.decode(want.tokens) and got["stop"] is True
+    assert (got["tokens_predicted"], got["tokens_evaluated"]) == (len(want.tokens), len(ids))
+    assert got["stop_type"] == {"length": "limit", "stop": "eos"}[want.finish_reason]
+    assert got["timings"]["predicted_n"] == len(want.tokens)
+    assert server.post("/completions", {"prompt": ids, "n_predict": 12, "temperature": 0}).json() | {
+        "timings": None
+    } == got | {"timings": None}
+
+    events = llama_cpp_stream(server, {"prompt": ids, "n_predict": 12, "temperature": 0})
+    assert [e["stop"] for e in events] == [False] * (len(events) - 1) + [True]
+    assert "".join(e["content"] for e in events) == got["content"]
+    assert events[-1]["tokens_predicted"] == got["tokens_predicted"]
+
+    body = {"prompt": "stop here", "n_predict": 60, "temperature": 0, "ignore_eos": True}
+    full = server.post("/completion", body).json()["content"]
+    i = printable_window(full, 3)
+    word = full[i : i + 3]
+    for stopped in (server.post("/completion", {**body, "n_predict": -1, "stop": [word]}).json(),
+                    llama_cpp_stream(server, {**body, "n_predict": -1, "stop": [word]})[-1]):  # fmt: skip
+        assert (stopped["stop_type"], stopped["stopping_word"]) == ("word", word)
+    assert "".join(e["content"] for e in llama_cpp_stream(server, {**body, "stop": [word]})) == full[:i]
+
+    sampled = SamplingParams(16, **{"temperature": 0.8, "top_k": 40, "top_p": 0.95}, seed=1234)  # llama-server's
+    [want] = generate(m.model, m.mesh, [m.tokenizer.encode("seeded")], sampled, m.tokenizer.stop_ids)
+    got = server.post("/completion", {"prompt": "seeded", "n_predict": 16, "seed": 1234}).json()
+    assert got["content"] == m.tokenizer.decode(want.tokens)
+    ids = m.tokenizer.encode("abcabcabc")
+    penalized = SamplingParams(16, temperature=0.0, repetition_penalty=1.4)
+    [want] = generate(m.model, m.mesh, [ids], penalized, m.tokenizer.stop_ids)
+    got = server.post("/completion", {"prompt": ids, "n_predict": 16, "temperature": 0, "repeat_penalty": 1.4})
+    assert got.json()["content"] == m.tokenizer.decode(want.tokens)
+
+    for bad_body, param in (({"prompt": 5}, "prompt"), ({"prompt": "a", "n_predict": 0}, "n_predict"),
+                            ({"prompt": "a", "n_probs": 3}, "n_probs")):  # fmt: skip
+        r = server.post("/completion", bad_body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def model_logprobs(m, ids: list[int]) -> torch.Tensor:
     """log-softmax of the local model's float32 logits at every position of ids: (T, V)."""
     m.model.setup_caches(1, len(ids))

@@ -1,4 +1,5 @@
-"""The HTTP side (world rank 0 only): OpenAI-shaped routes on FastAPI, run by uvicorn in a thread.
+"""The HTTP side (world rank 0 only): OpenAI-shaped routes on FastAPI, run by uvicorn in a thread,
+and llama.cpp's own POST /completion for the clients written for llama-server.
 
 Routes validate a request completely, turn it into Sequences, submit them to the Scheduler and
 drain their Outputs; they never touch the model. Errors have OpenAI's shape
@@ -282,6 +283,37 @@ def parse_chat(body: dict, state: ServerState) -> Plan:
     return parse_common(body, state, [prompt], max_tokens, (top or 0) if want else None)
 
 
+# llama-server's sampling defaults for /completion (its min_p of 0.05 is not applied: no such sampler here)
+LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
+
+
+def parse_llama_cpp(body: dict, state: ServerState) -> Plan:
+    """llama.cpp's POST /completion: `prompt` (text or token ids), `n_predict` (-1, the default: up to
+    EOS or the context's end), `repeat_penalty`, `seed` (-1: random), llama-server's sampling
+    defaults, and the OpenAI fields they share (`stop`, `stream`, `top_k`, penalties, `ignore_eos`).
+    `model` is not checked, as llama-server does not with one model."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = [state.tokenizer.encode(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [list(prompt)]
+    else:
+        raise bad("prompt: expected a string or a list of token ids", "prompt")
+    n_predict = get_int(body, "n_predict", -1, -1)
+    if n_predict == 0:
+        raise bad("n_predict: must be -1 (up to EOS or the context's end) or >= 1, got 0", "n_predict")
+    if get_int(body, "n_probs", 0, 0):
+        raise bad("n_probs: token probabilities are served by POST /v1/completions (`logprobs`)", "n_probs")
+    seed = get_int(body, "seed", None, -1, 2**63 - 1)
+    fields = {k: v for k, v in body.items() if k in ("top_p", "top_k", "temperature", "stop", "stream", "ignore_eos")}
+    fields |= {k: v for k, v in body.items() if k.endswith("_penalty") and k != "repeat_penalty"}
+    fields = {**LLAMA_CPP_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
+    if body.get("repeat_penalty") is not None:  # llama.cpp's name for repetition_penalty
+        fields["repetition_penalty"] = body["repeat_penalty"]
+    fields["seed"] = None if seed == -1 else seed
+    return parse_common(fields, state, prompts, None if n_predict == -1 else n_predict, None)
+
+
 # --- responses ---
 
 
@@ -296,6 +328,7 @@ class Choice:
         self.text: list[str] = []
         self.logprobs: list[tuple[int, TokenLogprobs | None]] = []
         self.finish_reason: str | None = None
+        self.stop: str | None = None  # Output.stop
         self.n_generated = 0
 
 
@@ -409,6 +442,48 @@ class Responder:
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
 
 
+class LlamaCppResponder(Responder):
+    """llama.cpp's /completion shapes for one prompt: a streamed piece {"content", "stop": false}, and at
+    the end {"content", "stop": true, "tokens_predicted", "stop_type", "timings", ...}."""
+
+    def __init__(self, state: ServerState, plan: Plan):
+        super().__init__(state, plan, chat=False)
+        self.start, self.first = time.perf_counter(), None  # submitted; first output (the prompt's end)
+
+    def pieces(self, out: Output):
+        self.first = self.first or time.perf_counter()
+        return super().pieces(out)
+
+    def piece(self, text: str) -> str:
+        return f"data: {json.dumps({'content': text, 'stop': False, 'index': 0})}\n\n"
+
+    def result(self, c: Choice, content: str) -> dict:
+        now = time.perf_counter()
+        first = self.first or now
+        prompt_n, predicted_s = len(self.plan.prompts[0]), now - first
+        return {
+            "content": content,
+            "stop": True,
+            "index": 0,
+            "model": self.model,
+            "tokens_predicted": c.n_generated,
+            "tokens_evaluated": prompt_n,
+            "stop_type": "limit" if c.finish_reason == "length" else "eos" if c.stop is None else "word",
+            "stopping_word": c.stop or "",
+            "truncated": False,
+            "timings": {  # prompt: submission (queueing included) to the first token; predicted: first to last
+                "prompt_n": prompt_n,
+                "prompt_ms": (first - self.start) * 1e3,
+                "predicted_n": c.n_generated,
+                "predicted_ms": predicted_s * 1e3,
+                "predicted_per_second": (c.n_generated - 1) / predicted_s if c.n_generated > 1 else None,
+            },
+        }
+
+    def full(self, choices: dict[int, Choice]) -> dict:
+        return self.result(choices[0], "".join(choices[0].text))
+
+
 def error_event(e: ApiError) -> str:
     return f"data: {json.dumps(e.body())}\n\n"
 
@@ -472,11 +547,17 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, chat=False)
+        return await complete(request, "completions")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, chat=True)
+        return await complete(request, "chat")
+
+    @app.post("/completion")
+    @app.post("/completions")
+    async def llama_cpp_completion(request: Request):
+        """llama.cpp's native completion (llama-server serves it at both paths)."""
+        return await complete(request, "llama.cpp")
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -507,10 +588,11 @@ def create_app(state: ServerState) -> FastAPI:
         text = state.tokenizer.decode(tokens)
         return {"prompt": text, "content": text}
 
-    async def complete(request: Request, chat: bool):
+    async def complete(request: Request, dialect: str):
         scheduler = state.ready()
         body = await json_object(request)
-        plan = (parse_chat if chat else parse_completion)(body, state)
+        parse = {"completions": parse_completion, "chat": parse_chat, "llama.cpp": parse_llama_cpp}[dialect]
+        plan = parse(body, state)
         if plan.max_tokens is None:  # chat without a limit: up to the end of the context
             plan.max_tokens = state.max_seq_len - len(plan.prompts[0])
         special = state.tokenizer.special_tokens
@@ -532,10 +614,13 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(429, str(e), kind="rate_limit_exceeded", code="queue_full") from None
         except Unavailable as e:
             raise ApiError(503, str(e), kind="service_unavailable", code="unavailable") from None
-        responder = Responder(state, plan, chat)
+        if dialect == "llama.cpp":
+            responder, events = LlamaCppResponder(state, plan), stream_llama_cpp
+        else:
+            responder, events = Responder(state, plan, dialect == "chat"), stream
         if plan.stream:
             return StreamingResponse(
-                stream(scheduler, seqs, outputs, responder),
+                events(scheduler, seqs, outputs, responder),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -580,7 +665,7 @@ async def collect(
             c.text.append(text)
             c.logprobs += entries
             if out.finish_reason is not None:
-                c.finish_reason, left = out.finish_reason, left - 1
+                c.finish_reason, c.stop, left = out.finish_reason, out.stop, left - 1
                 c.n_generated = next(s.n_generated for s in seqs if s.index == out.index)
         return JSONResponse(responder.full(choices))
     finally:
@@ -615,6 +700,29 @@ async def stream(scheduler: Scheduler, seqs: list[Sequence], outputs: asyncio.Qu
         yield "data: [DONE]\n\n"
     finally:
         if left:
+            scheduler.abort(seqs)
+
+
+async def stream_llama_cpp(
+    scheduler: Scheduler, seqs: list[Sequence], outputs: asyncio.Queue, responder: LlamaCppResponder
+):
+    """Server-sent events as llama-server sends them: a {"content", "stop": false} event per piece of
+    text, then the result with "stop": true (and no [DONE])."""
+    [seq], c, done = seqs, Choice(), False
+    try:
+        while not done:
+            out = await outputs.get()
+            if out.error is not None:
+                yield error_event(ApiError(503, out.error, kind="service_unavailable", code="unavailable"))
+                return
+            text, _ = responder.pieces(out)
+            if text:
+                yield responder.piece(text)
+            if out.finish_reason is not None:
+                c.finish_reason, c.stop, c.n_generated, done = out.finish_reason, out.stop, seq.n_generated, True
+        yield f"data: {json.dumps(responder.result(c, ''))}\n\n"
+    finally:
+        if not done:
             scheduler.abort(seqs)
 
 

@@ -38,6 +38,7 @@ class Output:
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     finish_reason: str | None = None  # "stop" | "length" on the last output
+    stop: str | None = None  # with "stop": the stop string, or stop token's text, that ended it (None: EOS)
     error: str | None = None  # the engine failed or the server shut down: the last output
 
 
@@ -48,13 +49,15 @@ class TextStream:
         self.tok, self.stops = tok, stops
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.held = ""
+        self.hit: str | None = None  # the stop string that appeared
 
     def push(self, token: int) -> tuple[str, bool]:
         """Text now safe to release, and whether a stop string appeared (the text before it is released)."""
         self.held += self.decoder.decode(self.tok.decode_bytes([token]))
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.held.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.held = self.held[: min(hits)], ""
+            i, self.hit = min(hits, key=lambda h: h[0])
+            out, self.held = self.held[:i], ""
             return out, True
         keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
         cut = len(self.held) - keep
@@ -187,12 +190,13 @@ class Scheduler:
             self.metrics.generation_tokens.inc()
             if token in seq.stop_ids or (token in self.tok.stop_ids and not seq.ignore_eos):
                 out.text, out.finish_reason = seq.text.flush(), "stop"
+                out.stop = self.tok.decode([token]) if token in seq.stop_ids else None
                 out.token = out.logprobs = None  # the stop token is not part of the completion
                 seq.n_generated -= 1
             else:
                 out.text, stopped = seq.text.push(token)
                 if stopped:
-                    out.finish_reason = "stop"
+                    out.finish_reason, out.stop = "stop", seq.text.hit
                 elif seq.n_generated == seq.params.max_new_tokens:
                     out.text += seq.text.flush()
                     out.finish_reason = "length"
