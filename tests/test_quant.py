@@ -219,6 +219,34 @@ def test_batch_one_float_x_runs_as_three_int8_digits_in_the_avx2_build(qtype):
     assert "avx2" in ran or platform.machine() not in ("x86_64", "AMD64"), ran  # digits are x86 only
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_bfloat16_x_runs_as_bf16_dot_products_in_the_avx512bf16_build(qtype):
+    """With bf16 x the avx512bf16 build dots Q4 codes as bf16 (quant.cpp, tile_bf16x: vdpbf16ps, exact
+    products summed in float32) with several rows of x and, at batch 1, on rows of 1024 elements or more;
+    the other builds widen x to float32. Both are the float64 product within the output's bf16 rounding.
+    vdpbf16ps reads denormal inputs as zero, so x of denormals (2^-130) against codes of 15 with d = 1 and
+    the minimum -8 d (Q4_0's own; Q4_1's set so), weights of 7, tells the paths apart: where it runs the
+    codes' part vanishes and leaves the minimum's -8 sum(x) < 0; elsewhere 7 sum(x) > 0, or 0 where the
+    avx2 build's batch-1 digits round x this small away."""
+    code, gen = quant.FORMATS[qtype][0], torch.Generator().manual_seed(5)
+    head = np.array([1.0, -8.0] if qtype == "Q4_1" else [1.0], dtype=np.float16).view(np.uint8)
+    ran = []
+    for M, K in ((1, 33 * 32), (3, 3 * 32)):  # an odd last block in both
+        w = random_blocks(qtype, 37, K, seed=4)
+        x = torch.randn(M, K, generator=gen).bfloat16()
+        want = x.double() @ reference(w, qtype).double().T
+        sevens = torch.from_numpy(np.tile(np.concatenate([head, np.full(16, 0xFF, np.uint8)]), (5, K // 32)))
+        tiny = torch.full((M, K), 2.0**-130).bfloat16()
+        for variant in kernels.supported():
+            op = quant.ops_of(variant).qlinear
+            got = op(x, w, code).double()
+            assert ((got - want).abs() <= 2**-8 * want.abs() + 1e-6 * want.abs().max()).all(), (variant, M, K)
+            runs_bf16 = bool((op(tiny, sevens, code) < 0).all())
+            assert runs_bf16 == (variant == "avx512bf16"), (variant, M, K)
+            ran.append(variant)
+    assert "avx512bf16" in ran or "avx512_bf16" not in kernels.cpu_flags(), ran
+
+
 @pytest.mark.parametrize("qtype", quant.INT8_X_FORMATS)
 def test_int8_activations_kernel_is_the_product_with_rounded_x(qtype):
     """The integer kernel (both builds) is x @ W.T with x rounded as round_activations rounds it: far
