@@ -428,7 +428,8 @@ def llama_cpp_stream(server: Server, body: dict) -> list[dict]:
 
 def test_llama_cpp_completion_answers_as_llama_server(server, local_model):
     """POST /completion, llama.cpp's own API: generate's greedy text and counts, a stream of pieces
-    that adds up to it, a stop word named, llama-server's sampling defaults and `repeat_penalty`."""
+    that adds up to it, a stop word named, llama-server's sampling defaults and `repeat_penalty`; and
+    GET /props, where llama.cpp's clients read the context size."""
     m = local_model
     ids = m.tokenizer.encode("hello")
     [want] = generate(m.model, m.mesh, [ids], SamplingParams(12, temperature=0.0), m.tokenizer.stop_ids)
@@ -466,6 +467,10 @@ def test_llama_cpp_completion_answers_as_llama_server(server, local_model):
     [want] = generate(m.model, m.mesh, [ids], penalized, m.tokenizer.stop_ids)
     got = server.post("/completion", {"prompt": ids, "n_predict": 16, "temperature": 0, "repeat_penalty": 1.4})
     assert got.json()["content"] == m.tokenizer.decode(want.tokens)
+
+    props = server.get("/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == 8192 and props["total_slots"] == 4, props
+    assert props["chat_template"] == (m.tokenizer.chat_template or "")
 
     for bad_body, param in (({"prompt": 5}, "prompt"), ({"prompt": "a", "n_predict": 0}, "n_predict"),
                             ({"prompt": "a", "n_probs": 3}, "n_probs")):  # fmt: skip

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .. import __version__
 from ..config import SamplingParams
 from ..errors import ConfigError, UserError
 from .control import TokenLogprobs
@@ -529,6 +530,20 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/props")
+    async def props():
+        """llama.cpp's /props, where its web UI and clients read the context size and the defaults."""
+        state.ready()
+        defaults = {"n_ctx": state.max_seq_len, "params": {"n_predict": -1, **LLAMA_CPP_DEFAULTS}}
+        return {
+            "default_generation_settings": defaults,
+            "total_slots": state.max_batch_size,
+            "model_path": state.model_name,
+            "chat_template": state.tokenizer.chat_template or "",
+            "modalities": {"vision": False, "audio": False},
+            "build_info": f"llama3_dist {__version__}",
+        }
 
     @app.get("/v1/models")
     async def models():

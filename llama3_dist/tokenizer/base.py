@@ -51,6 +51,11 @@ class Tokenizer:
         named = {"bos_token": bos_id, "eos_token": eos_id}
         self._template_vars = {k: self.decode([i]) for k, i in named.items() if i is not None}
 
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (Jinja source), or None: Meta's Llama 3 headers or plain lines."""
+        return self._chat_template
+
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special-token look-alikes stay plain text. `bos` None means `self.add_bos`."""
         ids = self._encode(text, special=False)
