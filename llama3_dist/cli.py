@@ -32,6 +32,7 @@ FLAG_KEYS = {
     "temperature": "generate.temperature",
     "top_p": "generate.top_p",
     "top_k": "generate.top_k",
+    "min_p": "generate.min_p",
     "seed": "generate.seed",
     "dtype": "runtime.dtype",
     "host": "serve.host",
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, help="0 = greedy")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int, help="0 = off")
+    g.add_argument("--min-p", type=float, help="drop tokens under this share of the top one's probability; 0 = off")
     g.add_argument("--seed", type=int, help="makes sampling reproducible")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout, nothing else")

@@ -69,6 +69,7 @@ class SamplingParams:
     temperature: float = 0.6  # 0: greedy
     top_p: float = 0.9
     top_k: int = 0  # 0: no top-k filter
+    min_p: float = 0.0  # vLLM's / llama.cpp's: drop tokens under min_p x the likeliest one's probability (0: off)
     seed: int | None = None
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated so far
@@ -88,6 +89,8 @@ class SamplingParams:
             raise ConfigError(f"{prefix}top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"{prefix}top_k: must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ConfigError(f"{prefix}min_p: must be in [0, 1] (0 disables it), got {self.min_p}")
         for key in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, key) <= 2:
                 raise ConfigError(f"{prefix}{key}: must be in [-2, 2] (0 disables it), got {getattr(self, key)}")

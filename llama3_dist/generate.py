@@ -57,7 +57,7 @@ def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: in
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    """Next token per row from float logits (B, V): greedy at temperature 0, else top-k then top-p."""
+    """Next token per row from float logits (B, V): greedy at temperature 0, else top-k, min-p, then top-p."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     # subtract the max before dividing: the top logit becomes 0 and the rest <= 0, so a tiny
@@ -67,6 +67,8 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     if params.top_k:
         kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[:, -1:]
         probs = probs.masked_fill(probs < kth, 0.0)
+    if params.min_p:  # relative to the likeliest token, so it does not matter which filter runs first
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     # keep the smallest prefix whose mass reaches top_p (the first token always survives)
     outside = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p

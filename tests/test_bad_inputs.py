@@ -177,6 +177,8 @@ def test_sampling_ranges_are_checked_with_the_key():
         (SamplingParams(top_p=0.0), "top_p"),
         (SamplingParams(top_p=1.01), "top_p"),
         (SamplingParams(top_k=-1), "top_k"),
+        (SamplingParams(min_p=-0.1), "min_p"),
+        (SamplingParams(min_p=1.5), "min_p"),
         (SamplingParams(max_new_tokens=0), "max_new_tokens"),
         (SamplingParams(temperature=-1e-9), "temperature"),
         (SamplingParams(temperature=float("nan")), "temperature"),

@@ -8,7 +8,7 @@ import torch
 from helpers.parity import GREEDY, TOL, hf_greedy, our_logits, our_model, prompts
 from helpers.tiny import FORMATS
 
-from llama3_dist.generate import SamplingParams, generate
+from llama3_dist.generate import SamplingParams, generate, sample
 from llama3_dist.parallel.mesh import Mesh
 
 PARITY_VARIANTS = ("9-3-heads", "gqa", "gqa-rope-scaling", "tied-mha")
@@ -61,6 +61,20 @@ def test_sampling_is_reproducible_with_a_seed(tiny_meta):
 
     assert run(11) == run(11)
     assert run(11) != run(12)
+
+
+def test_min_p_keeps_the_tokens_within_its_share_of_the_likeliest():
+    """min_p (vLLM's, llama.cpp's): after temperature, a token survives if its probability is at least
+    min_p times the likeliest one's; 4000 seeded draws from a known distribution hit those and only those."""
+    probs = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])  # min_p 0.3: threshold 0.12, keeps 3
+    logits = probs.log().repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    for min_p, kept in ((0.0, 6), (0.3, 3), (1.0, 1)):
+        got = sample(logits, SamplingParams(temperature=1.0, top_p=1.0, min_p=min_p), g)
+        assert set(got.tolist()) == set(range(kept)), (min_p, got.bincount())
+    # temperature 2 flattens the shares to sqrt(p / 0.40): 0.06's 0.39 is in at min_p 0.35, 0.04's 0.32 out
+    hot = sample(logits, SamplingParams(temperature=2.0, top_p=1.0, min_p=0.35), g)
+    assert set(hot.tolist()) == set(range(5)), hot.bincount()
 
 
 PENALTIES = {"presence_penalty": 0.7, "frequency_penalty": 1.3, "repetition_penalty": 1.6}

@@ -263,6 +263,10 @@ def test_seeded_sampling_equals_generate_alone(server, local_model):
     got = complete(server, "seeded", max_tokens=16, temperature=0.9, top_p=0.95, top_k=40, seed=1234)
     [want] = generate(m.model, m.mesh, [m.tokenizer.encode("seeded")], params, m.tokenizer.stop_ids)
     assert got["choices"][0]["text"] == m.tokenizer.decode(want.tokens)
+    params = SamplingParams(16, temperature=1.5, min_p=0.2, seed=99)  # vLLM's min_p
+    got = complete(server, "seeded", max_tokens=16, temperature=1.5, top_p=0.9, min_p=0.2, seed=99)
+    [want] = generate(m.model, m.mesh, [m.tokenizer.encode("seeded")], params, m.tokenizer.stop_ids)
+    assert got["choices"][0]["text"] == m.tokenizer.decode(want.tokens)
 
 
 def test_penalties_equal_generate_among_other_requests(server, local_model):
@@ -458,7 +462,7 @@ def test_llama_cpp_completion_answers_as_llama_server(server, local_model):
         assert (stopped["stop_type"], stopped["stopping_word"]) == ("word", word)
     assert "".join(e["content"] for e in llama_cpp_stream(server, {**body, "stop": [word]})) == full[:i]
 
-    sampled = SamplingParams(16, **{"temperature": 0.8, "top_k": 40, "top_p": 0.95}, seed=1234)  # llama-server's
+    sampled = SamplingParams(16, **{"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}, seed=1234)
     [want] = generate(m.model, m.mesh, [m.tokenizer.encode("seeded")], sampled, m.tokenizer.stop_ids)
     got = server.post("/completion", {"prompt": "seeded", "n_predict": 16, "seed": 1234}).json()
     assert got["content"] == m.tokenizer.decode(want.tokens)

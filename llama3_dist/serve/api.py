@@ -171,6 +171,7 @@ def parse_common(
     temperature = get_float(body, "temperature", 1.0)
     top_p = get_float(body, "top_p", 1.0)
     top_k = get_int(body, "top_k", 0, -1)
+    min_p = get_float(body, "min_p", 0.0)
     seed = get_int(body, "seed", None, -(2**63), 2**63 - 1)
     n = get_int(body, "n", 1, 1)
     if n > state.max_batch_size:
@@ -181,7 +182,7 @@ def parse_common(
         "repetition_penalty": get_float(body, "repetition_penalty", 1.0),
     }
     try:
-        SamplingParams(max_tokens or 1, temperature, top_p, max(top_k, 0), seed, **penalties).check(prefix="")
+        SamplingParams(max_tokens or 1, temperature, top_p, max(top_k, 0), min_p, seed, **penalties).check(prefix="")
     except ConfigError as e:
         raise bad(str(e), str(e).split(":")[0]) from None
     stream = get_bool(body, "stream", False)
@@ -204,7 +205,7 @@ def parse_common(
             f"runtime.max_seq_len={state.max_seq_len}; shorten it",
             "messages",
         )
-    params = SamplingParams(max_tokens or 0, temperature, top_p, max(top_k, 0), seed, **penalties)
+    params = SamplingParams(max_tokens or 0, temperature, top_p, max(top_k, 0), min_p, seed, **penalties)
     return Plan(
         prompts,
         max_tokens,
@@ -284,8 +285,8 @@ def parse_chat(body: dict, state: ServerState) -> Plan:
     return parse_common(body, state, [prompt], max_tokens, (top or 0) if want else None)
 
 
-# llama-server's sampling defaults for /completion (its min_p of 0.05 is not applied: no such sampler here)
-LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
+# llama-server's sampling defaults for /completion
+LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 
 
 def parse_llama_cpp(body: dict, state: ServerState) -> Plan:
@@ -306,7 +307,8 @@ def parse_llama_cpp(body: dict, state: ServerState) -> Plan:
     if get_int(body, "n_probs", 0, 0):
         raise bad("n_probs: token probabilities are served by POST /v1/completions (`logprobs`)", "n_probs")
     seed = get_int(body, "seed", None, -1, 2**63 - 1)
-    fields = {k: v for k, v in body.items() if k in ("top_p", "top_k", "temperature", "stop", "stream", "ignore_eos")}
+    keys = ("top_p", "top_k", "min_p", "temperature", "stop", "stream", "ignore_eos")
+    fields = {k: v for k, v in body.items() if k in keys}
     fields |= {k: v for k, v in body.items() if k.endswith("_penalty") and k != "repeat_penalty"}
     fields = {**LLAMA_CPP_DEFAULTS, **{k: v for k, v in fields.items() if v is not None}}
     if body.get("repeat_penalty") is not None:  # llama.cpp's name for repetition_penalty
