@@ -292,7 +292,8 @@ LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0
 def parse_llama_cpp(body: dict, state: ServerState) -> Plan:
     """llama.cpp's POST /completion: `prompt` (text or token ids), `n_predict` (-1, the default: up to
     EOS or the context's end), `repeat_penalty`, `seed` (-1: random), llama-server's sampling
-    defaults, and the OpenAI fields they share (`stop`, `stream`, `top_k`, penalties, `ignore_eos`).
+    defaults, and the fields they share with the OpenAI routes (`stop`, `stream`, `top_k`, `min_p`,
+    penalties, `ignore_eos`).
     `model` is not checked, as llama-server does not with one model."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -610,7 +611,7 @@ def create_app(state: ServerState) -> FastAPI:
         body = await json_object(request)
         parse = {"completions": parse_completion, "chat": parse_chat, "llama.cpp": parse_llama_cpp}[dialect]
         plan = parse(body, state)
-        if plan.max_tokens is None:  # chat without a limit: up to the end of the context
+        if plan.max_tokens is None:  # chat without a limit, /completion's n_predict -1: up to the context's end
             plan.max_tokens = state.max_seq_len - len(plan.prompts[0])
         special = state.tokenizer.special_tokens
         stop_ids = frozenset(special[s] for s in plan.stop if s in special)
