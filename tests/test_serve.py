@@ -28,6 +28,7 @@ import torch
 from helpers.checkpoints import random_model, tiny_config, write_gguf
 from helpers.launch import run_cli, workers
 
+import llama3_dist
 from llama3_dist.assemble import assemble
 from llama3_dist.bench.serving import run_serving_bench, serving_table
 from llama3_dist.config import SamplingParams, load_config
@@ -433,7 +434,7 @@ def llama_cpp_stream(server: Server, body: dict) -> list[dict]:
 def test_llama_cpp_completion_answers_as_llama_server(server, local_model):
     """POST /completion, llama.cpp's own API: generate's greedy text and counts, a stream of pieces
     that adds up to it, a stop word named, llama-server's sampling defaults and `repeat_penalty`; and
-    GET /props, where llama.cpp's clients read the context size."""
+    GET /props, where llama.cpp's clients read the context size, /apply-template and vLLM's /version."""
     m = local_model
     ids = m.tokenizer.encode("hello")
     [want] = generate(m.model, m.mesh, [ids], SamplingParams(12, temperature=0.0), m.tokenizer.stop_ids)
@@ -472,6 +473,11 @@ def test_llama_cpp_completion_answers_as_llama_server(server, local_model):
     got = server.post("/completion", {"prompt": ids, "n_predict": 16, "temperature": 0, "repeat_penalty": 1.4})
     assert got.json()["content"] == m.tokenizer.decode(want.tokens)
 
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = server.post("/apply-template", {"messages": messages}).json()["prompt"]
+    assert rendered == m.tokenizer.decode(m.tokenizer.encode_chat(messages))
+    assert server.post("/apply-template", {"messages": []}).status_code == 400
+    assert server.get("/version").json() == {"version": llama3_dist.__version__}
     props = server.get("/props").json()
     assert props["default_generation_settings"]["n_ctx"] == 8192 and props["total_slots"] == 4, props
     assert props["chat_template"] == (m.tokenizer.chat_template or "")

@@ -548,6 +548,17 @@ def create_app(state: ServerState) -> FastAPI:
             "build_info": f"llama3_dist {__version__}",
         }
 
+    @app.get("/version")
+    async def version():
+        """vLLM's /version."""
+        return {"version": __version__}
+
+    @app.post("/apply-template")
+    async def apply_template(request: Request):
+        """llama.cpp's /apply-template: `messages` rendered as /v1/chat/completions renders them, as text."""
+        state.ready()
+        return {"prompt": state.tokenizer.decode(chat_prompt(await json_object(request), state))}
+
     @app.get("/v1/models")
     async def models():
         return {
