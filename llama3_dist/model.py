@@ -149,11 +149,17 @@ class LayerCache:
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H, T, hd) at positions pos (B, T); return the first `length` positions (B, H, length, hd)."""
-        b = torch.arange(k.shape[0], device=pos.device).unsqueeze(1)  # (B, 1)
-        i = torch.full((1, 1), self.i, device=pos.device)
-        self.all_k[b, i, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
-        self.all_v[b, i, :, pos] = v.transpose(1, 2)
+        write_cache(k, v, self.all_k, self.all_v, self.i, pos)
         return self.k[:, :, :length], self.v[:, :, :length]
+
+
+@kernels.fusable("cache_write", tokens_dim=2)
+def write_cache(k: Tensor, v: Tensor, all_k: Tensor, all_v: Tensor, i: int, pos: Tensor) -> None:
+    """k, v (B, H, T, hd) into layer i of the caches (B, n_layers, H, max_seq_len, hd) at positions pos (B, T)."""
+    b = torch.arange(k.shape[0], device=pos.device).unsqueeze(1)  # (B, 1)
+    layer = torch.full((1, 1), i, device=pos.device)
+    all_k[b, layer, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, H, hd)
+    all_v[b, layer, :, pos] = v.transpose(1, 2)
 
 
 class Attention(nn.Module):

@@ -3,7 +3,7 @@
 `linear(x, w)` is F.linear, except that a few rows of x (a decode step) go through the gemv of
 `decode.cpp`, which streams the weights once at close to memory bandwidth, and that larger float32
 products run on oneDNN on AVX-512 CPUs (`gemm`). `fused(name, x)` hands
-out the fused steps of an eager decode layer (rms_norm, rope, attend_decode); `quant.py`
+out the fused steps of an eager decode layer (rms_norm, rope, attend_decode, cache_write); `quant.py`
 the matmuls over quantized blocks of `quant.cpp`. The same sources are compiled together for each
 variant below with its own -m flags, and register torch.ops.llama3_dist.<op>_<variant>:
 
@@ -70,7 +70,7 @@ CFLAGS = {
     "portable": [],
 }
 SOURCES = [Path(__file__).with_name(name) for name in ("decode.cpp", "quant.cpp")]  # + isa.h
-FUSED = ("rms_norm", "rope", "attend_decode")  # ops beside gemv, one per eager decode step part
+FUSED = ("rms_norm", "rope", "attend_decode", "cache_write")  # ops beside gemv, one per eager decode step part
 # Of those, the ones a compiled decode step calls too: inductor fuses the pointwise steps itself, but
 # attention's two small products go to a BLAS call each (~18 us per layer on a 2-core Zen 3) with a
 # softmax kernel between; the fused op made a compiled SmolLM2 step 5% faster (8.53 -> 8.08 ms).
@@ -202,6 +202,7 @@ def _build(variant: str) -> None:
         "rms_norm": lambda x, w, eps: x.new_empty(x.shape),
         "rope": lambda x, freqs: x.new_empty(x.shape),
         "attend_decode": lambda q, k, v, mask: q.new_empty(q.shape),
+        "cache_write": lambda k, v, all_k, all_v, i, pos: None,
     }  # quant.py gives its ops (qlinear_<variant>, dequant_<variant>) their shapes
     for name, fake in fakes.items():
         torch.library.register_fake(f"llama3_dist::{name}_{variant}")(fake)
