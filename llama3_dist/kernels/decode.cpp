@@ -24,8 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "isa.h"
@@ -555,9 +555,6 @@ at::Tensor attend_decode(const at::Tensor& q_in, const at::Tensor& k, const at::
   return y;
 }
 
-}  // namespace
-
-// Native ops per build (torch.ops.llama3_dist.gemv_<isa> & co.): called from Python without a
 // The eager decode step's KV-cache write (model.py, write_cache): k, v (B, H, T, hd) into layer i of
 // the caches (B, n_layers, H, S, hd) at positions pos (B, T), in place, a head's hd elements at a
 // time (eager advanced indexing took ~13 us a layer for these few bytes).
@@ -570,14 +567,14 @@ void cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& all
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && all_k.stride(4) == 1 && all_v.stride(4) == 1,
               "cache_write: the last dim must be contiguous");
   const int64_t B = k.size(0), H = k.size(1), T = k.size(2), S = all_k.size(3), hd = k.size(3);
-  TORCH_CHECK(0 <= i && i < all_k.size(1) && pos.dim() == 2 && pos.size(0) == B && pos.size(1) == T, "cache_write: pos, layer");
+  TORCH_CHECK(0 <= i && i < all_k.size(1) && pos.dim() == 2 && pos.size(0) == B && pos.size(1) == T,
+              "cache_write: pos (B, T) and a layer of the caches expected");
   const at::Tensor p = pos.to(at::kLong).contiguous();
   const int64_t* P = p.data_ptr<int64_t>();
-  const int64_t bytes = hd * k.element_size();
   for (const auto& [src, dst] : {std::pair{&k, &all_k}, std::pair{&v, &all_v}}) {
     const char* from = static_cast<const char*>(src->data_ptr());
     char* to = static_cast<char*>(dst->data_ptr());
-    const int64_t es = src->element_size();
+    const int64_t es = src->element_size(), bytes = hd * es;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < T; ++t) {
         const int64_t s = P[b * T + t];
@@ -589,6 +586,9 @@ void cache_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor& all
   }
 }
 
+}  // namespace
+
+// Native ops per build (torch.ops.llama3_dist.gemv_<isa> & co.): called from Python without a
 // Python wrapper, and from torch.compile's generated code like any aten op.
 TORCH_LIBRARY_FRAGMENT(llama3_dist, m) {
   m.def(L3D_OP(gemv) "(Tensor x, Tensor w) -> Tensor");
