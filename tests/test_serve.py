@@ -488,6 +488,23 @@ def test_llama_cpp_completion_answers_as_llama_server(server, local_model):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_stop_token_ids_end_the_text_with_the_token_as_vllm_does(server, local_model):
+    """vLLM's stop_token_ids: generation ends at the first of them, which is part of the completion
+    (text and usage) unless it is a special token."""
+    m = local_model
+    ids = m.tokenizer.encode("stop here")
+    [free] = generate(m.model, m.mesh, [ids], SamplingParams(40, temperature=0.0), frozenset())
+    t = free.tokens[6]
+    j = free.tokens.index(t)
+    body = {"prompt": ids, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stop_token_ids": [t]}
+    got = complete(server, **body)
+    assert got["choices"][0]["text"] == m.tokenizer.decode(free.tokens[: j + 1])
+    assert got["choices"][0]["finish_reason"] == "stop" and got["usage"]["completion_tokens"] == j + 1
+    assert streamed_text(stream_completion(server, body)) == got["choices"][0]["text"]
+    r = server.post("/v1/completions", {**body, "stop_token_ids": [-1]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids", r.text
+
+
 def model_logprobs(m, ids: list[int]) -> torch.Tensor:
     """log-softmax of the local model's float32 logits at every position of ids: (T, V)."""
     m.model.setup_caches(1, len(ids))

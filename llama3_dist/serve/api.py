@@ -141,6 +141,7 @@ class Plan:
     logprobs: int | None
     echo: bool
     ignore_eos: bool
+    stop_token_ids: list[int]
 
 
 def parse_common(
@@ -206,6 +207,11 @@ def parse_common(
             "messages",
         )
     params = SamplingParams(max_tokens or 0, temperature, top_p, max(top_k, 0), min_p, seed, **penalties)
+    stop_token_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_token_ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_token_ids
+    ):
+        raise bad(f"stop_token_ids: expected a list of token ids in 0..{vocab - 1}", "stop_token_ids")
     return Plan(
         prompts,
         max_tokens,
@@ -217,6 +223,7 @@ def parse_common(
         logprobs,
         echo,
         get_bool(body, "ignore_eos", False),
+        stop_token_ids,
     )
 
 
@@ -501,7 +508,16 @@ def sequences_of(plan: Plan, emit, stop_ids: frozenset[int]) -> list[Sequence]:
             params = dataclasses.replace(plan.params, max_new_tokens=plan.max_tokens, seed=(base + i) % 2**64)
             seqs.append(
                 Sequence(
-                    p * plan.n + i, prompt, params, emit, plan.stop, stop_ids, plan.logprobs, plan.echo, plan.ignore_eos
+                    p * plan.n + i,
+                    prompt,
+                    params,
+                    emit,
+                    plan.stop,
+                    stop_ids,
+                    plan.logprobs,
+                    plan.echo,
+                    plan.ignore_eos,
+                    frozenset(plan.stop_token_ids),
                 )
             )
     return seqs
@@ -625,8 +641,12 @@ def create_app(state: ServerState) -> FastAPI:
         if plan.max_tokens is None:  # chat without a limit, /completion's n_predict -1: up to the context's end
             plan.max_tokens = state.max_seq_len - len(plan.prompts[0])
         special = state.tokenizer.special_tokens
+        # stop strings naming special tokens, and vLLM's stop_token_ids that are special, stop on the
+        # token and leave it out (as EOS); other stop_token_ids end the text with themselves, as vLLM's
         stop_ids = frozenset(special[s] for s in plan.stop if s in special)
+        stop_ids |= frozenset(t for t in plan.stop_token_ids if t in special.values())
         plan.stop = [s for s in plan.stop if s not in special]
+        plan.stop_token_ids = [t for t in plan.stop_token_ids if t not in stop_ids]
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
 

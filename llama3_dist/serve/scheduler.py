@@ -84,9 +84,11 @@ class Sequence:
         logprobs: int | None = None,
         echo: bool = False,
         ignore_eos: bool = False,
+        stop_token_ids: frozenset[int] = frozenset(),
     ):
         self.index, self.prompt, self.params, self.emit = index, prompt, params, emit
         self.stop, self.stop_ids = list(stop), stop_ids  # stop strings; stop tokens beyond the tokenizer's
+        self.stop_token_ids = stop_token_ids  # vLLM's: tokens that end the text, themselves included
         self.logprobs, self.echo, self.ignore_eos = logprobs, echo, ignore_eos
         self.n_generated = 0
         self.arrival = time.perf_counter()
@@ -197,6 +199,9 @@ class Scheduler:
                 out.text, stopped = seq.text.push(token)
                 if stopped:
                     out.finish_reason, out.stop = "stop", seq.text.hit
+                elif token in seq.stop_token_ids:
+                    out.text += seq.text.flush()
+                    out.finish_reason, out.stop = "stop", self.tok.decode([token])
                 elif seq.n_generated == seq.params.max_new_tokens:
                     out.text += seq.text.flush()
                     out.finish_reason = "length"
