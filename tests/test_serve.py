@@ -482,6 +482,9 @@ def test_llama_cpp_completion_answers_as_llama_server(server, local_model):
     assert props["default_generation_settings"]["n_ctx"] == 8192 and props["total_slots"] == 4, props
     assert props["chat_template"] == (m.tokenizer.chat_template or "")
 
+    near_end = {"prompt": [ids[-1]] * 8180, "n_predict": 10**6, "temperature": 0, "ignore_eos": True}
+    r = server.post("/completion", near_end)  # as llama-server, it stops at the context's end
+    assert r.status_code == 200 and r.json()["tokens_predicted"] == 12 and r.json()["stop_type"] == "limit", r.text
     for bad_body, param in (({"prompt": 5}, "prompt"), ({"prompt": "a", "n_predict": 0}, "n_predict"),
                             ({"prompt": "a", "n_probs": 3}, "n_probs")):  # fmt: skip
         r = server.post("/completion", bad_body)

@@ -298,9 +298,9 @@ LLAMA_CPP_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0
 
 def parse_llama_cpp(body: dict, state: ServerState) -> Plan:
     """llama.cpp's POST /completion: `prompt` (text or token ids), `n_predict` (-1, the default: up to
-    EOS or the context's end), `repeat_penalty`, `seed` (-1: random), llama-server's sampling
-    defaults, and the fields they share with the OpenAI routes (`stop`, `stream`, `top_k`, `min_p`,
-    penalties, `ignore_eos`).
+    EOS; as in llama-server, never past the context's end), `repeat_penalty`, `seed` (-1: random),
+    llama-server's sampling defaults, and the fields they share with the OpenAI routes (`stop`,
+    `stream`, `top_k`, `min_p`, penalties, `ignore_eos`).
     `model` is not checked, as llama-server does not with one model."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -312,6 +312,13 @@ def parse_llama_cpp(body: dict, state: ServerState) -> Plan:
     n_predict = get_int(body, "n_predict", -1, -1)
     if n_predict == 0:
         raise bad("n_predict: must be -1 (up to EOS or the context's end) or >= 1, got 0", "n_predict")
+    room = state.max_seq_len - len(prompts[0])
+    if room < 1:
+        raise bad(
+            f"prompt: it has {len(prompts[0])} tokens and leaves no room for a reply in "
+            f"runtime.max_seq_len={state.max_seq_len}; shorten it",
+            "prompt",
+        )
     if get_int(body, "n_probs", 0, 0):
         raise bad("n_probs: token probabilities are served by POST /v1/completions (`logprobs`)", "n_probs")
     seed = get_int(body, "seed", None, -1, 2**63 - 1)
@@ -322,7 +329,7 @@ def parse_llama_cpp(body: dict, state: ServerState) -> Plan:
     if body.get("repeat_penalty") is not None:  # llama.cpp's name for repetition_penalty
         fields["repetition_penalty"] = body["repeat_penalty"]
     fields["seed"] = None if seed == -1 else seed
-    return parse_common(fields, state, prompts, None if n_predict == -1 else n_predict, None)
+    return parse_common(fields, state, prompts, room if n_predict == -1 else min(n_predict, room), None)
 
 
 # --- responses ---
@@ -638,7 +645,7 @@ def create_app(state: ServerState) -> FastAPI:
         body = await json_object(request)
         parse = {"completions": parse_completion, "chat": parse_chat, "llama.cpp": parse_llama_cpp}[dialect]
         plan = parse(body, state)
-        if plan.max_tokens is None:  # chat without a limit, /completion's n_predict -1: up to the context's end
+        if plan.max_tokens is None:  # chat without a limit: up to the end of the context
             plan.max_tokens = state.max_seq_len - len(plan.prompts[0])
         special = state.tokenizer.special_tokens
         # stop strings naming special tokens, and vLLM's stop_token_ids that are special, stop on the
